@@ -1,0 +1,28 @@
+"""precisebn: exact, pure recomputation of BatchNorm running statistics with torch.func."""
+
+from precisebn._buffers import BNBuffers as BNBuffers
+from precisebn._buffers import apply_bn_buffers as apply_bn_buffers
+from precisebn._buffers import bn_buffers as bn_buffers
+from precisebn._capture import capture as capture
+from precisebn._moments import Moments as Moments
+from precisebn._moments import Stats as Stats
+from precisebn._moments import finalize as finalize
+from precisebn._moments import init as init
+from precisebn._moments import merge as merge
+from precisebn._recompute import recompute_bn_buffers as recompute_bn_buffers
+from precisebn._recompute import update as update
+
+__all__ = [
+    "BNBuffers",
+    "Moments",
+    "Stats",
+    "apply_bn_buffers",
+    "bn_buffers",
+    "capture",
+    "finalize",
+    "init",
+    "merge",
+    "recompute_bn_buffers",
+    "update",
+]
+__version__ = "0.1.0"

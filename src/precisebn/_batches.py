@@ -1,0 +1,63 @@
+"""Default input handling, and moving a batch pytree to the model's device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import optree
+import torch
+from torch import Tensor, nn
+
+Forward: TypeAlias = Callable[[Callable[..., Any], Any], Any]
+"""``forward(stateless_model, batch) -> output``: how one batch is fed to the model."""
+
+
+def default_forward(model: Callable[..., Any], batch: Any) -> Any:
+    """Feed ``batch`` the way ``torch.optim.swa_utils.update_bn`` does.
+
+    A tensor is the input; a tuple or list gives its first element (a list of
+    tensors in that place is passed as one argument, as multi-pathway models expect).
+    """
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(batch[0])
+    raise TypeError(
+        f"cannot find the model input in a batch of type {type(batch).__name__}: the default "
+        "handling takes a tensor, or the first element of a tuple or list; pass "
+        "forward=lambda model, batch: model(...) for other layouts"
+    )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in the batch pytree to ``device`` without blocking the host."""
+    return optree.tree_map(
+        lambda leaf: leaf.to(device, non_blocking=True) if isinstance(leaf, Tensor) else leaf,
+        batch,
+        none_is_leaf=True,
+    )
+
+
+def leading_size(batch: Any) -> int:
+    """The leading dimension of the first tensor in the batch pytree (0 if it has none)."""
+    for leaf in optree.tree_leaves(batch, none_is_leaf=True):
+        if isinstance(leaf, Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return 0
+
+
+def integer_leaves(batch: Any) -> list[torch.dtype]:
+    """The dtypes of the non-floating tensors in the batch pytree."""
+    return [
+        leaf.dtype
+        for leaf in optree.tree_leaves(batch, none_is_leaf=True)
+        if isinstance(leaf, Tensor) and not (leaf.is_floating_point() or leaf.is_complex())
+    ]

@@ -1,0 +1,144 @@
+"""recompute_bn_buffers: find layers, run batches statelessly, fold moments, produce buffers."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from precisebn._batches import Forward, integer_leaves, leading_size, to_device
+from precisebn._buffers import BNBuffers
+from precisebn._capture import Runner
+from precisebn._layers import LayerSelector
+from precisebn._moments import Stats, finalize, init, merge
+
+logger = logging.getLogger("precisebn")
+
+
+def update(
+    stats: Stats,
+    model: nn.Module,
+    batch: Any,
+    *,
+    params: Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
+    forward: Forward | None = None,
+) -> Stats:
+    """Fold one batch into ``stats``: a new state; nothing is mutated.
+
+    Records the layers that ``stats`` holds. The batch is moved to the model's device and
+    run without autograd; see :func:`precisebn.capture` for the forward's semantics.
+
+    Example:
+        >>> import torch, precisebn
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> stats = precisebn.init(precisebn.bn_buffers(model))
+        >>> for batch in torch.randn(5, 10, 3):
+        ...     stats = precisebn.update(stats, model, batch)
+        >>> stats["1"].count.item()
+        50.0
+    """
+    runner = Runner(model, layers=list(stats), params=params, buffers=buffers, forward=forward)
+    return merge(stats, _run(runner, batch, index=0))
+
+
+def _run(runner: Runner, batch: Any, *, index: int) -> Stats:
+    batch = to_device(batch, runner.device)
+    try:
+        with torch.no_grad():
+            return runner.run(batch)[1]
+    except (RuntimeError, TypeError) as error:
+        ints = integer_leaves(batch)
+        if ints and runner.floating_params:
+            raise TypeError(
+                f"batch {index}: the forward failed on non-floating inputs ({sorted(set(map(str, ints)))}) "
+                f"while the model's parameters are floating point; convert the inputs "
+                f"(e.g. forward=lambda model, b: model(b[0].float())). Original error: {error}"
+            ) from error
+        raise
+
+
+def recompute_bn_buffers(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    num_batches: int = 200,
+    layers: LayerSelector = None,
+    forward: Forward | None = None,
+    params: Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
+) -> BNBuffers:
+    """Recompute BatchNorm running statistics exactly, returning new buffers.
+
+    Runs up to ``num_batches`` batches of ``loader`` through ``model`` statelessly
+    (:func:`torch.func.functional_call`, no autograd) and, for each recomputed layer,
+    pools every value that reached it over every call as if the whole run were one batch:
+    ``running_mean`` is the mean and ``running_var`` the unbiased variance ``N/(N-1)``,
+    where ``N`` counts batch times spatial (or sequence) positions. During the run each
+    recomputed layer normalises with batch statistics, as in training mode, whatever its
+    ``training`` flag says; other modules (dropout, ...) run as the caller left them.
+
+    The model is never changed: not its parameters, buffers, flags or hooks, also not
+    when the loader or the forward raises. Apply the result with
+    ``model.load_state_dict(new, strict=False)``, :func:`precisebn.apply_bn_buffers`, or
+    pass it to ``torch.func.functional_call``.
+
+    Args:
+        model: the model; BN layers are subclasses of ``torch.nn.modules.batchnorm._BatchNorm``
+            with ``track_running_stats=True``.
+        loader: any iterable of batches.
+        num_batches: the most batches to use; a shorter loader is fine.
+        layers: which BN layers to recompute: ``None`` for all, an iterable of module names,
+            or a predicate ``(name, module) -> bool``. The others keep their buffers and run
+            as the caller left them (a frozen layer in eval mode uses its running statistics).
+        forward: ``forward(stateless_model, batch) -> output`` for batches the default
+            handling does not fit (dicts, several inputs). The default passes a tensor
+            batch, or the first element of a tuple or list.
+        params: parameters to use instead of the module's own (e.g. SWA/EMA weights), keyed
+            like ``model.named_parameters()``.
+        buffers: buffers to use instead of the module's own.
+
+    Returns:
+        A :class:`precisebn.BNBuffers` (a ``dict``) keyed ``"<layer>.running_mean"`` and
+        ``"<layer>.running_var"``, each with the dtype, device and shape of the buffer it
+        replaces, sharing no storage with it; ``.num_batches`` and ``.num_samples`` say how
+        much data was used. A layer no batch reached keeps its buffers (with a warning).
+
+    Raises:
+        TypeError: ``loader`` is not iterable, or inputs are integers where floats are needed.
+        ValueError: no batches, no BN layers to recompute, a lazy BN layer, or a layer that
+            sees a single value per channel.
+
+    Example:
+        >>> import torch, precisebn
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> loader = [torch.randn(32, 3) + 5 for _ in range(10)]
+        >>> new = precisebn.recompute_bn_buffers(model, loader)
+        >>> sorted(new), new.num_batches, new.num_samples
+        (['1.running_mean', '1.running_var'], 10, 320)
+        >>> model[1].running_mean.abs().max().item()  # the model is untouched
+        0.0
+        >>> _ = model.load_state_dict(new, strict=False)
+    """
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+    try:
+        batches = iter(loader)
+    except TypeError:
+        raise TypeError(
+            f"loader must be an iterable of batches, got {type(loader).__name__}"
+        ) from None
+    runner = Runner(model, layers=layers, params=params, buffers=buffers, forward=forward)
+    stats = init(runner.bn_buffers)
+    used = samples = 0
+    for index, batch in enumerate(itertools.islice(batches, num_batches)):
+        stats = merge(stats, _run(runner, batch, index=index))
+        used, samples = index + 1, samples + leading_size(batch)
+    if used == 0:
+        raise ValueError("the loader yielded no batches")
+    logger.info("recomputed %d BatchNorm layers over %d batches (%d samples)", len(stats), used, samples)
+    return BNBuffers(finalize(stats, like=runner.bn_buffers), num_batches=used, num_samples=samples)
