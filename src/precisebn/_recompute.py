@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -71,6 +71,7 @@ def recompute_bn_buffers(
     forward: Forward | None = None,
     params: Mapping[str, Tensor] | None = None,
     buffers: Mapping[str, Tensor] | None = None,
+    progress: bool = False,
 ) -> BNBuffers:
     """Recompute BatchNorm running statistics exactly, returning new buffers.
 
@@ -101,6 +102,8 @@ def recompute_bn_buffers(
         params: parameters to use instead of the module's own (e.g. SWA/EMA weights), keyed
             like ``model.named_parameters()``.
         buffers: buffers to use instead of the module's own.
+        progress: show a progress bar (needs the optional ``tqdm`` package:
+            ``pip install precisebn[progress]``).
 
     Returns:
         A :class:`precisebn.BNBuffers` (a ``dict``) keyed ``"<layer>.running_mean"`` and
@@ -135,10 +138,30 @@ def recompute_bn_buffers(
     runner = Runner(model, layers=layers, params=params, buffers=buffers, forward=forward)
     stats = init(runner.bn_buffers)
     used = samples = 0
-    for index, batch in enumerate(itertools.islice(batches, num_batches)):
+    chosen = itertools.islice(batches, num_batches)
+    if progress:
+        chosen = _progress_bar(chosen, total=_expected_batches(loader, num_batches))
+    for index, batch in enumerate(chosen):
         stats = merge(stats, _run(runner, batch, index=index))
         used, samples = index + 1, samples + leading_size(batch)
     if used == 0:
         raise ValueError("the loader yielded no batches")
     logger.info("recomputed %d BatchNorm layers over %d batches (%d samples)", len(stats), used, samples)
     return BNBuffers(finalize(stats, like=runner.bn_buffers), num_batches=used, num_samples=samples)
+
+
+def _expected_batches(loader: Iterable[Any], num_batches: int) -> int | None:
+    try:
+        return min(len(loader), num_batches)  # type: ignore[arg-type]
+    except TypeError:
+        return num_batches
+
+
+def _progress_bar(batches: Iterable[Any], *, total: int | None) -> Iterator[Any]:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ImportError(
+            "progress=True needs the tqdm package: pip install 'precisebn[progress]'"
+        ) from None
+    return iter(tqdm(batches, total=total, desc="precise BN", unit="batch"))
