@@ -4,6 +4,7 @@ from precisebn._buffers import BNBuffers as BNBuffers
 from precisebn._buffers import apply_bn_buffers as apply_bn_buffers
 from precisebn._buffers import bn_buffers as bn_buffers
 from precisebn._capture import capture as capture
+from precisebn._distributed import all_reduce_stats as all_reduce_stats
 from precisebn._moments import Moments as Moments
 from precisebn._moments import Stats as Stats
 from precisebn._moments import finalize as finalize
@@ -16,6 +17,7 @@ __all__ = [
     "BNBuffers",
     "Moments",
     "Stats",
+    "all_reduce_stats",
     "apply_bn_buffers",
     "bn_buffers",
     "capture",

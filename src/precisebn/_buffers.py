@@ -24,7 +24,9 @@ class BNBuffers(dict[str, Tensor]):
     num_batches: int
     num_samples: int
 
-    def __init__(self, buffers: Mapping[str, Tensor], *, num_batches: int, num_samples: int) -> None:
+    def __init__(
+        self, buffers: Mapping[str, Tensor], *, num_batches: int, num_samples: int
+    ) -> None:
         super().__init__(buffers)
         self.num_batches = num_batches
         self.num_samples = num_samples
@@ -85,7 +87,8 @@ def apply_bn_buffers(model: nn.Module, buffers: Mapping[str, Tensor]) -> None:
     for key, value in buffers.items():
         if value.shape != targets[key].shape:
             raise ValueError(
-                f"{key}: shape {tuple(value.shape)} does not match the buffer's {tuple(targets[key].shape)}"
+                f"{key}: shape {tuple(value.shape)} does not match the buffer's "
+                f"{tuple(targets[key].shape)}"
             )
     with torch.no_grad():
         for key, value in buffers.items():

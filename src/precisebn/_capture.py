@@ -1,22 +1,25 @@
-"""Run one batch statelessly and return the per-layer moments of every BN input.
+"""Run batches statelessly and record the per-call moments of every recomputed BN input.
 
-The model runs under :func:`torch.func.functional_call`. A :class:`~torch.overrides.TorchFunctionMode`
-sees each ``torch.nn.functional.batch_norm`` call; a call that belongs to a recomputed layer
-(recognised by its ``running_mean`` tensor) is replaced by a training-mode call on scratch
-buffers with momentum 1, so the kernel itself leaves the batch mean and unbiased variance in
-them: no extra pass over the activations, and nothing the caller owns is written to.
+The model runs under :func:`torch.func.functional_call` with each recomputed layer's
+``running_mean`` replaced by a private *tag* tensor. A tag is a tensor subclass whose
+``__torch_function__`` sees only the calls that involve it: the layer's
+``torch.nn.functional.batch_norm`` call is replaced by a training-mode call on scratch
+buffers with momentum 1, so the kernel itself leaves the batch mean and unbiased variance
+in them. No other operation of the forward is intercepted, no extra pass is made over the
+activations, and nothing the caller owns is written to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
-from torch.overrides import TorchFunctionMode
+from torch.nn.parallel import DistributedDataParallel
 
 from precisebn._batches import Forward, default_forward
 from precisebn._layers import STAT_NAMES, LayerSelector, buffer_key, find_bn_layers
@@ -27,23 +30,24 @@ _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training"
 _BN_DEFAULTS: tuple[Any, ...] = (None, None, False, 0.1, 1e-5)
 
 
-class _Record:
-    """One intercepted call: the layer, its values per channel, and the batch moments."""
+class Record:
+    """One intercepted call: the layer, its values per channel, and ``[mean; var]`` rows."""
 
-    __slots__ = ("count", "layer", "mean", "var")
+    __slots__ = ("count", "layer", "stats")
 
-    def __init__(self, layer: str, count: int, mean: Tensor, var: Tensor) -> None:
-        self.layer, self.count, self.mean, self.var = layer, count, mean, var
+    def __init__(self, layer: str, count: int, stats: Tensor) -> None:
+        self.layer, self.count, self.stats = layer, count, stats
 
 
-class _Interceptor(TorchFunctionMode):
-    def __init__(self, tags: Mapping[int, str]) -> None:
-        super().__init__()
-        self.tags = tags
-        self.records: list[_Record] = []
+class _Tag(Tensor):
+    """A recomputed layer's stand-in ``running_mean``: intercepts that layer's BN call."""
 
+    layer: str
+    records: list[Record]
+
+    @classmethod
     def __torch_function__(
-        self,
+        cls,
         func: Callable[..., Any],
         types: Any,
         args: tuple[Any, ...] = (),
@@ -52,33 +56,32 @@ class _Interceptor(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.batch_norm:
             bound = _bind(args, kwargs)
-            layer = self.tags.get(id(bound[1]))
-            if layer is not None:
-                return self._batch_norm(layer, *bound)
-        return func(*args, **kwargs)
+            if isinstance(bound[1], _Tag):
+                return _record_batch_norm(bound[1], bound[0], bound[3], bound[4], bound[7])
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
 
-    def _batch_norm(
-        self, layer: str, x: Tensor, _m: Any, _v: Any, weight: Tensor | None,
-        bias: Tensor | None, _t: Any, _mom: Any, eps: float,
-    ) -> Tensor:  # fmt: skip
-        channels = x.shape[1]
-        count = x.numel() // channels
-        if count < 2:
-            raise ValueError(
-                f"BatchNorm layer '{layer or '<model>'}' got {count} value per channel "
-                f"(input shape {tuple(x.shape)}); batch statistics need at least 2: use "
-                "batches of 2 or more samples"
-            )
-        stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if x.dtype in _LOW_PRECISION:
-            # Mixed-precision kernel: half/bfloat16 input, float32 affine and statistics.
-            weight = weight.float() if weight is not None else None
-            bias = bias.float() if bias is not None else None
-        mean = torch.zeros(channels, dtype=stat_dtype, device=x.device)
-        var = torch.zeros(channels, dtype=stat_dtype, device=x.device)
-        out = F.batch_norm(x, mean, var, weight, bias, True, 1.0, eps)
-        self.records.append(_Record(layer, count, mean, var))
-        return out
+
+def _record_batch_norm(
+    tag: _Tag, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    channels = x.shape[1]
+    count = x.numel() // channels
+    if count < 2:
+        raise ValueError(
+            f"BatchNorm layer '{tag.layer or '<model>'}' got {count} value per channel "
+            f"(input shape {tuple(x.shape)}); batch statistics need at least 2: use "
+            "batches of 2 or more samples"
+        )
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.dtype in _LOW_PRECISION:
+        # Mixed-precision kernel: half/bfloat16 input, float32 affine and statistics.
+        weight = weight.float() if weight is not None else None
+        bias = bias.float() if bias is not None else None
+    stats = torch.zeros(2, channels, dtype=stat_dtype, device=x.device)
+    out = F.batch_norm(x, stats[0], stats[1], weight, bias, True, 1.0, eps)
+    tag.records.append(Record(tag.layer, count, stats))
+    return out
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -93,6 +96,11 @@ def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(full)
 
 
+T = TypeVar("T")
+Step = Callable[[Any], tuple[Any, list[Record]]]
+"""``step(batch) -> (output, records)``: one batch through the bound model."""
+
+
 class Runner:
     """Everything one model needs to run batches statelessly, worked out once."""
 
@@ -105,44 +113,117 @@ class Runner:
         buffers: Mapping[str, Tensor] | None = None,
         forward: Forward | None = None,
     ) -> None:
-        self.model = model
         self.layers = find_bn_layers(model, layers)
         self.forward = forward or default_forward
-        state: dict[str, Tensor] = dict(model.named_parameters())
-        state.update(model.named_buffers())
-        state.update(params or {})
-        state.update(buffers or {})
+        named_params = dict(model.named_parameters())
+        named_buffers = dict(model.named_buffers())
+        _check_names("params", params, named_params)
+        _check_names("buffers", buffers, named_buffers)
+        state = {**named_params, **(params or {}), **named_buffers, **(buffers or {})}
         self.bn_buffers = {
-            buffer_key(name, s): state[buffer_key(name, s)] for name in self.layers for s in STAT_NAMES
+            buffer_key(name, s): state[buffer_key(name, s)]
+            for name in self.layers
+            for s in STAT_NAMES
         }
-        self.tags = {id(self.bn_buffers[buffer_key(n, STAT_NAMES[0])]): n for n in self.layers}
-        self.state = state
         self.device = next(iter(state.values())).device if state else torch.device("cpu")
         self.floating_params = any(t.is_floating_point() for t in state.values())
-        self._writable = _writable_buffers(model, state, self.layers)
+        self.records: list[Record] = []
+        # Bound for the whole run: the caller's overrides, the tags, and private copies of
+        # every buffer a forward might write to.
+        self._swap = {**(params or {}), **(buffers or {})}
+        self._swap.update(_writable_buffers(model, state, self.layers))
+        self._swap.update(self._tags(state))
+        self._target, self._prefix = _unwrap_ddp(model)
+        # Only under an initialised process group would SyncBatchNorm sync (or raise).
+        syncing = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self._sync_bn = [
+            m for m in self.layers.values() if syncing and isinstance(m, nn.SyncBatchNorm)
+        ]
+
+    def _tags(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        tags: dict[str, Tensor] = {}
+        for name in self.layers:
+            mean_key, var_key = (buffer_key(name, s) for s in STAT_NAMES)
+            tag = state[mean_key].detach().clone().as_subclass(_Tag)
+            assert isinstance(tag, _Tag)
+            tag.layer, tag.records = name, self.records
+            tags[mean_key] = tag
+            tags[var_key] = state[var_key].detach().clone()
+        return tags
+
+    def within(self, loop: Callable[[Step], T]) -> T:
+        """Call ``loop(step)`` with the stateless state bound; return what it returns.
+
+        ``step(batch) -> (output, records)`` runs one batch. One ``functional_call`` covers
+        the whole loop (binding per batch costs about as much as a small model's forward);
+        the model's own tensors are back in place when it returns, also on error.
+        """
+        swap = self._swap
+        if self._prefix:
+            swap = {k.removeprefix(self._prefix): v for k, v in swap.items()}
+
+        def step_with(model: nn.Module) -> Step:
+            def step(batch: Any) -> tuple[Any, list[Record]]:
+                self.records.clear()
+                out = self.forward(model, batch)
+                records = list(self.records)
+                self.records.clear()
+                return out, records
+
+            return step
+
+        holder = _Holder(self._target, lambda model: loop(step_with(model)))
+        with _local_sync_bn(self._sync_bn):
+            result: T = torch.func.functional_call(
+                holder, {f"model.{k}": v for k, v in swap.items()}, (), strict=False
+            )
+        return result
 
     def run(self, batch: Any) -> tuple[Any, Stats]:
         """Run ``batch`` through the model; return its output and the batch moments per layer."""
-        # Every buffer a forward might write to is swapped for a private copy.
-        state = {**self.state, **{k: v.clone() for k, v in self._writable.items()}}
-        mode = _Interceptor(self.tags)
+        out, records = self.within(lambda step: step(batch))
+        return out, collect(records)
 
-        def stateless(*args: Any, **kwargs: Any) -> Any:
-            return torch.func.functional_call(self.model, state, args, kwargs, strict=False)
 
-        with mode:
-            out = self.forward(stateless, batch)
-        return out, _collect(mode.records)
+class _Holder(nn.Module):
+    """Holds the model as ``model`` so that one ``functional_call`` spans a whole loop."""
+
+    def __init__(self, model: nn.Module, body: Callable[[nn.Module], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.body = body
+
+    def forward(self) -> Any:
+        return self.body(self.model)
+
+
+def collect(records: list[Record]) -> Stats:
+    """Per-layer moments of one batch's records (a reused layer's calls pooled)."""
+    stats: Stats = {}
+    for r in records:
+        moments = from_batch(r.count, r.stats[0], r.stats[1])
+        stats[r.layer] = merge_layer(stats[r.layer], moments) if r.layer in stats else moments
+    return stats
+
+
+def _check_names(
+    what: str, given: Mapping[str, Tensor] | None, known: Mapping[str, Tensor]
+) -> None:
+    unknown = sorted(set(given or {}) - set(known))
+    if unknown:
+        raise ValueError(f"{what}= has names the model does not: {unknown[:8]}")
 
 
 def _writable_buffers(
     model: nn.Module, state: Mapping[str, Tensor], chosen: Mapping[str, nn.Module]
 ) -> dict[str, Tensor]:
-    """Buffers that a training-mode forward of a norm layer updates in place.
+    """Private copies of the buffers that a training-mode forward of a norm layer updates.
 
-    ``num_batches_tracked`` always (momentum=None reads it back with ``float()``, so the
-    copy lives on the CPU to keep that read free of a device sync); running statistics
-    of norm layers that are not recomputed (their own forward updates them).
+    ``num_batches_tracked`` as a fresh CPU counter: momentum=None reads it back with
+    ``float()``, which on a device tensor would synchronise, and its value only scales
+    updates of running statistics that are never kept. The running statistics of norm
+    layers that are not recomputed: their own training-mode forward updates them, and
+    in training mode they only write them, so one copy serves the whole run.
     """
     out = {}
     for name, module in model.named_modules():
@@ -150,19 +231,43 @@ def _writable_buffers(
             continue
         key = buffer_key(name, "num_batches_tracked")
         if key in state:
-            out[key] = state[key].detach().cpu()
+            out[key] = torch.zeros((), dtype=torch.long)
         if name not in chosen:
             for stat in STAT_NAMES:
-                out[buffer_key(name, stat)] = state[buffer_key(name, stat)]
+                out[buffer_key(name, stat)] = state[buffer_key(name, stat)].detach().clone()
     return out
 
 
-def _collect(records: list[_Record]) -> Stats:
-    stats: Stats = {}
-    for r in records:
-        moments = from_batch(r.count, r.mean, r.var)
-        stats[r.layer] = merge_layer(stats[r.layer], moments) if r.layer in stats else moments
-    return stats
+def _unwrap_ddp(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module to run and the prefix its names carry in ``model``'s names.
+
+    A ``DistributedDataParallel`` wrapper's forward broadcasts buffers (a collective per
+    call, writing into the wrapped module's buffers) and prepares gradient reduction; the
+    wrapped module is run instead, while names stay those of the wrapper (``module.``...).
+    """
+    if isinstance(model, DistributedDataParallel):
+        return model.module, "module."
+    return model, ""
+
+
+@contextlib.contextmanager
+def _local_sync_bn(layers: list[nn.SyncBatchNorm]) -> Iterator[None]:
+    """Run recomputed ``SyncBatchNorm`` layers on local batch statistics, without syncing.
+
+    Under an initialised process group, ``SyncBatchNorm.forward`` in training mode
+    all-reduces batch statistics on every call (and raises on CPU inputs). With its
+    ``training`` flag off it calls ``F.batch_norm``, which its tag runs in training mode
+    anyway, so the output is unchanged; the statistics are reduced once at the end of the
+    run instead. The flags are restored on exit, also on error.
+    """
+    training = [m for m in layers if m.training]
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 def capture(

@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.lazy import LazyModuleMixin
 
 LayerSelector: TypeAlias = Iterable[str] | Callable[[str, nn.Module], bool] | None
-"""Which BN layers to recompute: ``None`` (all), names, or a ``(name, module) -> bool`` predicate."""
+"""Which BN layers: ``None`` (all), names, or a ``(name, module) -> bool`` predicate."""
 
 STAT_NAMES = ("running_mean", "running_var")
 
@@ -49,7 +49,7 @@ def find_bn_layers(model: nn.Module, layers: LayerSelector = None) -> dict[str, 
             f"BatchNorm layers {lazy} are lazy and not yet initialised; run one forward pass "
             "through the model first so that their shapes are known"
         )
-    return chosen  # type: ignore[return-value]
+    return chosen
 
 
 def _by_name(
@@ -68,11 +68,13 @@ def _by_name(
         elif isinstance(module, _NormBase) and not isinstance(module, _BatchNorm):
             problems.append(
                 f"'{name}' is {type(module).__name__}: only BatchNorm statistics are recomputed "
-                "(instance-norm running statistics estimate per-sample moments, not population ones)"
+                "(instance-norm running statistics estimate per-sample moments, not population "
+                "ones)"
             )
         else:
             problems.append(
-                f"'{name}' is {type(module).__name__}, not a BatchNorm layer that tracks running statistics"
+                f"'{name}' is {type(module).__name__}, not a BatchNorm layer that tracks "
+                "running statistics"
             )
     if problems:
         raise ValueError("layers= names layers that cannot be recomputed: " + "; ".join(problems))
@@ -97,5 +99,7 @@ def _nothing_found(
             found[f"{type(m).__name__} with track_running_stats=False"] += 1
         elif isinstance(m, (_NormBase, nn.LayerNorm, nn.GroupNorm)):
             found[type(m).__name__] += 1
-    what = ", ".join(f"{n} {kind}" for kind, n in sorted(found.items())) or "no normalisation layers"
+    what = (
+        ", ".join(f"{n} {kind}" for kind, n in sorted(found.items())) or "no normalisation layers"
+    )
     return f"the model has no BatchNorm layers that track running statistics (found: {what})"

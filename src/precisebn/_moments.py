@@ -29,7 +29,7 @@ class Moments(NamedTuple):
             the unbiased variance is ``m2 / (count - 1)``.
     """
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count, as the maths names it
     mean: Tensor
     m2: Tensor
 
@@ -123,8 +123,9 @@ def finalize(stats: Stats, *, like: Mapping[str, Tensor] | None = None) -> dict[
         >>> m = precisebn.Moments(torch.tensor(4.0, dtype=torch.float64),
         ...                       torch.tensor([1.0], dtype=torch.float64),
         ...                       torch.tensor([6.0], dtype=torch.float64))
-        >>> precisebn.finalize({"bn": m})
-        {'bn.running_mean': tensor([1.], dtype=torch.float64), 'bn.running_var': tensor([2.], dtype=torch.float64)}
+        >>> new = precisebn.finalize({"bn": m})
+        >>> new["bn.running_mean"].item(), new["bn.running_var"].item()
+        (1.0, 2.0)
     """
     counts = torch.stack([m.count.detach().to("cpu", torch.float64) for m in stats.values()])
     reached = (counts >= 2).tolist() if stats else []

@@ -5,16 +5,21 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from precisebn._batches import Forward, integer_leaves, leading_size, to_device
 from precisebn._buffers import BNBuffers
-from precisebn._capture import Runner
+from precisebn._capture import Record, Runner, Step, collect
+from precisebn._distributed import abandon, reduce_run, reduction_group
+from precisebn._fold import FlatLayout, fold_records
 from precisebn._layers import LayerSelector
-from precisebn._moments import Stats, finalize, init, merge
+from precisebn._moments import Moments, Stats, finalize, init, merge
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 logger = logging.getLogger("precisebn")
 
@@ -43,21 +48,24 @@ def update(
         50.0
     """
     runner = Runner(model, layers=list(stats), params=params, buffers=buffers, forward=forward)
-    return merge(stats, _run(runner, batch, index=0))
+    with torch.no_grad():
+        records = runner.within(lambda step: _checked_step(runner, step, batch, index=0))
+    return merge(stats, collect(records))
 
 
-def _run(runner: Runner, batch: Any, *, index: int) -> Stats:
+def _checked_step(runner: Runner, step: Step, batch: Any, *, index: int) -> list[Record]:
+    """Move ``batch`` to the model's device and run it; explain integer-input failures."""
     batch = to_device(batch, runner.device)
     try:
-        with torch.no_grad():
-            return runner.run(batch)[1]
+        return step(batch)[1]
     except (RuntimeError, TypeError) as error:
         ints = integer_leaves(batch)
         if ints and runner.floating_params:
             raise TypeError(
-                f"batch {index}: the forward failed on non-floating inputs ({sorted(set(map(str, ints)))}) "
-                f"while the model's parameters are floating point; convert the inputs "
-                f"(e.g. forward=lambda model, b: model(b[0].float())). Original error: {error}"
+                f"batch {index}: the forward failed on non-floating inputs "
+                f"({sorted(set(map(str, ints)))}) while the model's parameters are floating "
+                "point; convert the inputs (e.g. forward=lambda model, b: model(b[0].float())). "
+                f"Original error: {error}"
             ) from error
         raise
 
@@ -72,6 +80,8 @@ def recompute_bn_buffers(
     params: Mapping[str, Tensor] | None = None,
     buffers: Mapping[str, Tensor] | None = None,
     progress: bool = False,
+    process_group: ProcessGroup | None = None,
+    distributed: bool = True,
 ) -> BNBuffers:
     """Recompute BatchNorm running statistics exactly, returning new buffers.
 
@@ -104,17 +114,29 @@ def recompute_bn_buffers(
         buffers: buffers to use instead of the module's own.
         progress: show a progress bar (needs the optional ``tqdm`` package:
             ``pip install precisebn[progress]``).
+        process_group: under ``torch.distributed``, the group whose ranks pool their
+            statistics (default: the default group). Every rank of it must call this
+            function; each runs its own ``loader``.
+        distributed: when ``torch.distributed`` is initialised with more than one rank,
+            pool the statistics of every rank of ``process_group`` exactly (float64
+            counts, means and second moments, three all-reduces per run), so every rank
+            returns the same buffers, those of one process running the union of all
+            ranks' batches. ``False`` keeps each rank's own statistics. Without a process
+            group there is nothing to pool and this flag has no effect.
 
     Returns:
         A :class:`precisebn.BNBuffers` (a ``dict``) keyed ``"<layer>.running_mean"`` and
         ``"<layer>.running_var"``, each with the dtype, device and shape of the buffer it
         replaces, sharing no storage with it; ``.num_batches`` and ``.num_samples`` say how
-        much data was used. A layer no batch reached keeps its buffers (with a warning).
+        much data was used (summed over the ranks when pooled). A layer no batch reached
+        keeps its buffers (with a warning; when pooled, the same on every rank).
 
     Raises:
         TypeError: ``loader`` is not iterable, or inputs are integers where floats are needed.
         ValueError: no batches, no BN layers to recompute, a lazy BN layer, or a layer that
             sees a single value per channel.
+        RuntimeError: when pooling, another rank's loader or forward raised (that rank
+            raises its own error; no rank waits for it).
 
     Example:
         >>> import torch, precisebn
@@ -129,25 +151,51 @@ def recompute_bn_buffers(
     """
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+    runner = Runner(model, layers=layers, params=params, buffers=buffers, forward=forward)
+    group = reduction_group(process_group) if distributed else None
+    try:
+        stats, used, samples = _accumulate(
+            runner, loader, num_batches=num_batches, progress=progress
+        )
+    except Exception:
+        if group is not None:  # the other ranks raise too, instead of waiting for this one
+            abandon(init(runner.bn_buffers), group=group)
+        raise
+    if group is not None:
+        stats, used, samples = reduce_run(stats, batches=used, samples=samples, group=group)
+    if used == 0:
+        raise ValueError("the loader yielded no batches" + (" on any rank" if group else ""))
+    logger.info(
+        "recomputed %d BatchNorm layers over %d batches (%d samples)", len(stats), used, samples
+    )
+    return BNBuffers(finalize(stats, like=runner.bn_buffers), num_batches=used, num_samples=samples)
+
+
+def _accumulate(
+    runner: Runner, loader: Iterable[Any], *, num_batches: int, progress: bool
+) -> tuple[Stats, int, int]:
+    """Fold up to ``num_batches`` batches of ``loader``: the state, batches and samples used."""
     try:
         batches = iter(loader)
     except TypeError:
         raise TypeError(
             f"loader must be an iterable of batches, got {type(loader).__name__}"
         ) from None
-    runner = Runner(model, layers=layers, params=params, buffers=buffers, forward=forward)
-    stats = init(runner.bn_buffers)
-    used = samples = 0
-    chosen = itertools.islice(batches, num_batches)
+    chosen: Iterator[Any] = itertools.islice(batches, num_batches)
     if progress:
         chosen = _progress_bar(chosen, total=_expected_batches(loader, num_batches))
-    for index, batch in enumerate(chosen):
-        stats = merge(stats, _run(runner, batch, index=index))
-        used, samples = index + 1, samples + leading_size(batch)
-    if used == 0:
-        raise ValueError("the loader yielded no batches")
-    logger.info("recomputed %d BatchNorm layers over %d batches (%d samples)", len(stats), used, samples)
-    return BNBuffers(finalize(stats, like=runner.bn_buffers), num_batches=used, num_samples=samples)
+    layout = FlatLayout(list(runner.layers), runner.bn_buffers)
+
+    def loop(step: Step) -> tuple[Moments, int, int]:
+        flat, used, samples = layout.init(), 0, 0
+        for index, batch in enumerate(chosen):
+            flat = fold_records(layout, flat, _checked_step(runner, step, batch, index=index))
+            used, samples = index + 1, samples + leading_size(batch)
+        return flat, used, samples
+
+    with torch.no_grad():
+        flat, used, samples = runner.within(loop)
+    return layout.split(flat), used, samples
 
 
 def _expected_batches(loader: Iterable[Any], num_batches: int) -> int | None:

@@ -1,0 +1,207 @@
+"""GPU figures in one short run: ``python bench/gpu.py`` (under 5 minutes on one GPU).
+
+Speed table (float32, bf16 autocast, channels_last) of every method against the floor,
+side by side and interleaved as on the CPU; host-device synchronisations per batch of
+every method (counted with ``torch.cuda.set_sync_debug_mode("warn")`` at two loader
+lengths); a hard check that precisebn's batch loop never synchronises
+(``set_sync_debug_mode("error")`` from the second batch to the end of the loop); and the
+CNN exactness row on the GPU. Writes ``bench/results/gpu.json`` and ``bench/results/gpu.md``
+(which ``bench/run.py`` includes in ``docs/benchmarks.md``). Without CUDA it says so and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+import precisebn  # noqa: E402
+from bench import exactness, report  # noqa: E402
+from bench.methods import METHODS, Method  # noqa: E402
+from bench.models import CNN, CONV3D, MLP, Workload, batch_sizes, make_batches, make_model  # noqa: E402
+from bench.timing import interleaved  # noqa: E402
+
+VARIANTS = ("float32", "bf16 autocast", "channels_last")
+
+
+def _autocast(method: Method) -> Method:
+    def run(model: nn.Module, batches: Sequence[Tensor]) -> dict[str, Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return method(model, batches)
+
+    return run
+
+
+def prepared(
+    workload: Workload, batch: int, n: int, variant: str, device: torch.device
+) -> tuple[nn.Module, list[Tensor], dict[str, Method]]:
+    """The model, batches and methods for one row of the speed table."""
+    model = make_model(workload).to(device)
+    batches = make_batches(workload, [batch] * n, device=device.type)
+    methods = dict(METHODS)
+    if variant == "bf16 autocast":
+        methods = {name: _autocast(m) for name, m in methods.items()}
+    elif variant == "channels_last":
+        fmt = torch.channels_last if len(workload.sample_shape) == 3 else torch.channels_last_3d
+        model = model.to(memory_format=fmt)
+        batches = [b.contiguous(memory_format=fmt) for b in batches]
+    return model, batches, methods
+
+
+def speed(device: torch.device, repeats: int, n: int) -> list[dict[str, Any]]:
+    rows = []
+    for workload, batch in ((CNN, 32), (CNN, 128), (MLP, 128), (CONV3D, 8)):
+        for variant in VARIANTS:
+            if variant == "channels_last" and len(workload.sample_shape) < 3:
+                continue
+            model, batches, methods = prepared(workload, batch, n, variant, device)
+            timings = interleaved(methods, model, batches, repeats=repeats, device=device)
+            rows.append(
+                {
+                    "workload": f"{workload.name} batch {batch}, {variant}",
+                    "num_batches": n,
+                    "methods": {name: t.as_dict() for name, t in timings.items()},
+                }
+            )
+            print(f"  {rows[-1]['workload']} done", flush=True)
+    return rows
+
+
+def count_syncs(call: Callable[[], object]) -> int:
+    """Synchronising CUDA calls made by ``call()`` (sync debug mode "warn")."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def syncs_per_batch(device: torch.device) -> dict[str, dict[str, float]]:
+    """Per method: syncs for 4 and 12 batches, and the per-batch slope (0 means none)."""
+    model = make_model(CNN).to(device)
+    out = {}
+    for name, method in METHODS.items():
+        counts = {}
+        for n in (4, 12):
+            batches = make_batches(CNN, [32] * n, device=device.type)
+            fresh = copy.deepcopy(model)
+            method(copy.deepcopy(model), batches)  # warm-up: lazy set-up is not per batch
+            counts[n] = count_syncs(lambda m=method, f=fresh, b=batches: m(f, b))
+        out[name] = {"4": counts[4], "12": counts[12], "per_batch": (counts[12] - counts[4]) / 8}
+    return out
+
+
+def _guarded(batches: Sequence[Tensor]) -> Iterator[Tensor]:
+    """Yield the batches; from the second on, any host-device sync raises."""
+    it = iter(batches)
+    yield next(it)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield from it
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def no_sync_check(device: torch.device) -> str:
+    """Run precisebn with sync debug mode "error" around the batch loop (after batch 0)."""
+    model = make_model(CNN).to(device)
+    batches = make_batches(CNN, [32] * 8, device=device.type)
+    precisebn.recompute_bn_buffers(model, batches)  # warm-up
+    try:
+        # num_batches > len: the loop asks for one more batch, so the guard is lifted
+        # (generator exhausted) before finalize, which reads the counts once.
+        precisebn.recompute_bn_buffers(model, _guarded(batches), num_batches=len(batches) + 1)
+    except RuntimeError as error:
+        return f"FAILED: a host-device sync inside the batch loop: {error}"
+    return "passed: no host-device sync in precisebn's batch loop (8 batches, mode 'error')"
+
+
+def gpu_exactness(device: torch.device) -> dict[str, Any]:
+    model = make_model(CNN).to(device)
+    batches = make_batches(CNN, batch_sizes(8, 32, ragged=True), device=device.type)
+    return {k: asdict(v) for k, v in exactness.all_errors(model, batches).items()}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    syncs = results["syncs"]
+    sync_rows = "\n".join(
+        f"| {name} | {s['4']} | {s['12']} | {s['per_batch']:g} |" for name, s in syncs.items()
+    )
+    errs = results["exactness_cnn_ragged"]
+    err_rows = "\n".join(f"| {n} | {e['mean']:.1e} | {e['var']:.1e} |" for n, e in errs.items())
+    return "\n".join(
+        [
+            f"Card: {results['card']}, torch {results['torch']}, CUDA {results['cuda']}; "
+            f"`python bench/gpu.py`, {results['wall_s']:.0f} s.",
+            "",
+            report.speed_table(results["speed"]),
+            "",
+            "Host-device synchronisations (sync debug mode 'warn'), CNN batch 32:",
+            "",
+            "| method | 4 batches | 12 batches | per batch |",
+            "|---|---|---|---|",
+            sync_rows,
+            "",
+            f"precisebn under `set_sync_debug_mode('error')`: {results['no_sync_check']}",
+            "",
+            "CNN, ragged batches, on the GPU (mean / var error):",
+            "",
+            "| method | mean | var |",
+            "|---|---|---|",
+            err_rows,
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="precisebn GPU figures")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batches", type=int, default=20)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: GPU figures skipped (nothing written)")
+        return 0
+    start = time.perf_counter()
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    results: dict[str, Any] = {
+        "card": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+    results["no_sync_check"] = no_sync_check(device)
+    print(" ", results["no_sync_check"], flush=True)
+    results["syncs"] = syncs_per_batch(device)
+    results["exactness_cnn_ragged"] = gpu_exactness(device)
+    results["speed"] = speed(device, args.repeats, args.batches)
+    results["wall_s"] = time.perf_counter() - start
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = markdown(results)
+    (out_dir / "gpu.md").write_text(text + "\n")
+    print(text)
+    return 0 if results["no_sync_check"].startswith("passed") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

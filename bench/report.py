@@ -1,0 +1,217 @@
+"""Tables (Markdown and plain text) and plots from a results dict."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.exactness import MEAN_BOUND, VAR_BOUND, VAR_BOUND_SHIFTED
+from bench.methods import ESTIMATORS, METHODS
+
+SPEED_TARGET_FLOOR = 1.05
+SPEED_TARGET_FVCORE = 1.0
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def vs_fvcore(row: dict[str, Any]) -> float:
+    """Median over rounds of precisebn's time / fvcore's time in the same round."""
+    pbn, fv = row["methods"]["precisebn"]["seconds"], row["methods"]["fvcore"]["seconds"]
+    return statistics.median(a / b for a, b in zip(pbn, fv, strict=True))
+
+
+def speed_table(speed: list[dict[str, Any]]) -> str:
+    header = ["workload", "floor ms/batch", *(m for m in METHODS if m != "floor")]
+    header += ["precisebn / fvcore", "overhead µs/batch", "target met"]
+    rows = []
+    for row in speed:
+        ms = row["methods"]
+        n = row["num_batches"]
+        cells = [row["workload"], f"{ms['floor']['median_s'] / n * 1e3:.2f}"]
+        for name in METHODS:
+            if name != "floor":
+                t = ms[name]
+                spread = f"{t['ratio_min']:.2f}-{t['ratio_max']:.2f}"
+                cells.append(f"{t['ratio_to_floor']:.3f} ({spread})")
+        ratio_fv = vs_fvcore(row)
+        overhead = (ms["precisebn"]["median_s"] - ms["floor"]["median_s"]) / n * 1e6
+        met = (
+            ms["precisebn"]["ratio_to_floor"] <= SPEED_TARGET_FLOOR
+            and ratio_fv <= SPEED_TARGET_FVCORE
+        )
+        cells += [f"{ratio_fv:.3f}", f"{overhead:.0f}", "yes" if met else "**no**"]
+        rows.append(cells)
+    return _table(header, rows)
+
+
+def exactness_bounds(case: dict[str, Any]) -> tuple[float, float]:
+    """precisebn's (mean, var) bounds for a case: float32, or the shifted-mean var bound."""
+    ratio = case.get("mean_over_std", 0.0)
+    if ratio >= 1e4:
+        return MEAN_BOUND, float("nan")  # no bound stated beyond mean = 1e3 * std
+    return MEAN_BOUND, VAR_BOUND_SHIFTED if ratio >= 1e3 else VAR_BOUND
+
+
+def exactness_table(cases: list[dict[str, Any]]) -> str:
+    header = ["case", *(f"{m} mean / var" for m in ESTIMATORS), "precisebn bound", "met"]
+    rows = []
+    for case in cases:
+        errs = case["errors"]
+        cells = [case["case"]]
+        cells += [f"{errs[m]['mean']:.1e} / {errs[m]['var']:.1e}" for m in ESTIMATORS]
+        mean_bound, var_bound = exactness_bounds(case)
+        pbn = errs["precisebn"]
+        if var_bound == var_bound:  # not NaN
+            met = pbn["mean"] <= mean_bound and pbn["var"] <= var_bound
+            cells += [f"{mean_bound:.0e} / {var_bound:.0e}", "yes" if met else "**no**"]
+        else:
+            cells += [f"{mean_bound:.0e} / none stated", "n/a"]
+        rows.append(cells)
+    return _table(header, rows)
+
+
+def memory_table(memory: dict[str, Any]) -> str:
+    sizes = list(next(iter(memory["methods"].values())))
+    header = ["method", *(f"{n} batches first / repeat (MiB)" for n in sizes)]
+    rows = [
+        [name, *(f"{per[n]['first_mib']:.1f} / {per[n]['repeat_mib']:.1f}" for n in sizes)]
+        for name, per in memory["methods"].items()
+    ]
+    return _table(header, rows)
+
+
+def scaling_tables(scaling: dict[str, Any]) -> str:
+    nb = scaling["batches"]
+    header = ["method", *(f"{n} batches (ms)" for n in nb["num_batches"]), "µs per batch (slope)"]
+    rows = [
+        [name, *(f"{s * 1e3:.1f}" for s in secs), f"{nb['per_batch_us'][name]:.0f}"]
+        for name, secs in nb["median_s"].items()
+    ]
+    first = f"{nb['workload']}\n\n" + _table(header, rows)
+    first += (
+        f"\n\nprecisebn overhead over the floor: {nb['overhead_per_batch_us']:.0f} µs per batch, "
+        f"{nb['overhead_per_layer_us']:.0f} µs per BN layer per batch."
+    )
+    ch = scaling["channels"]
+    header = ["width", "floor ms/batch", "precisebn / floor", "fvcore / floor", "overhead µs/batch"]
+    rows = [
+        [
+            str(r["width"]),
+            f"{r['floor_ms_per_batch']:.2f}",
+            f"{r['precisebn_ratio']:.3f}",
+            f"{r['fvcore_ratio']:.3f}",
+            f"{r['overhead_per_batch_us']:.0f}",
+        ]
+        for r in ch["rows"]
+    ]
+    return first + f"\n\n{ch['workload']}\n\n" + _table(header, rows)
+
+
+def plots(results: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
+    """Speed and scaling PNGs; an empty list without matplotlib (the optional bench extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [row["workload"] for row in results["speed"]]
+    estimators = [m for m in METHODS if m != "floor"]
+    width = 0.8 / len(estimators)
+    for i, method in enumerate(estimators):
+        ratios = [row["methods"][method]["ratio_to_floor"] for row in results["speed"]]
+        ax.bar([x + i * width for x in range(len(labels))], ratios, width, label=method)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(SPEED_TARGET_FLOOR, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, fontsize=7)
+    ax.set_ylabel("time / floor (median)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / f"{name}_speed.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    nb = results["scaling"]["batches"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, secs in nb["median_s"].items():
+        ax.plot(nb["num_batches"], [s * 1e3 for s in secs], marker="o", label=method)
+    ax.set_xlabel("batches")
+    ax.set_ylabel("ms per call (median)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / f"{name}_scaling.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str:
+    """The whole report as Markdown, for ``docs/benchmarks.md``."""
+    meta = results["meta"]
+    parts = [
+        "# Benchmarks",
+        "",
+        "Generated by `python bench/run.py"
+        + (" --quick" if meta["quick"] else "")
+        + "`; do not edit by hand. Raw numbers: "
+        + f"`bench/results/{meta['name']}.json`.",
+        "",
+        f"Machine: {meta['machine']}. torch {meta['torch']}, {meta['threads']} intra-op "
+        f"thread(s), device {meta['device']}. Every ratio is measured side by side in one run: "
+        f"methods interleaved (A B C D E, then B C D E A, ...), {meta['repeats']} rounds after "
+        "a warm-up round, each call on a fresh deep copy of the model (the copy is not timed). "
+        "Ratios are the median over rounds of the method's time over the floor's time in the "
+        "same round, with the min-max over rounds in brackets.",
+        "",
+        "Methods: **floor** = bare training-mode forward passes under `torch.no_grad()`; "
+        "**precisebn** = `precisebn.recompute_bn_buffers`; **fvcore** = "
+        "`fvcore.nn.precise_bn.update_bn_stats`; **torch update_bn** = "
+        "`torch.optim.swa_utils.update_bn`; **seed** = the seed helper's algorithm "
+        "(momentum 1, equal-weight averages of per-batch mean and mean square), "
+        "re-implemented in `bench/methods.py`.",
+        "",
+        "## Speed",
+        "",
+        f"Target for precisebn: <= {SPEED_TARGET_FLOOR}x the floor and "
+        f"<= {SPEED_TARGET_FVCORE}x fvcore.",
+        "",
+        speed_table(results["speed"]),
+        "",
+        "## Exactness",
+        "",
+        "Worst relative error over every BN layer and channel against a float64 pooled "
+        "reference (the same float32 model's BN inputs, captured with forward pre-hooks and "
+        "pooled in float64: mean and unbiased variance N/(N-1)). Mean error is "
+        "|mean - ref| / (|ref mean| + ref std); variance error is |var - ref| / ref var.",
+        "",
+        exactness_table(results["exactness"]),
+        "",
+        "## Memory",
+        "",
+        results["memory"]["what"],
+        "",
+        memory_table(results["memory"]),
+        "",
+        f"precisebn's statistics for this model: {results['memory']['stats_mib']:.3f} MiB "
+        "(float64 mean and m2 per channel).",
+        "",
+        "## Scaling",
+        "",
+        scaling_tables(results["scaling"]),
+        "",
+        "## GPU",
+        "",
+        results.get("gpu_note", "Not run: `python bench/gpu.py` on a CUDA machine."),
+        "",
+    ]
+    for image in images:
+        parts += [f"![{image.stem}]({image.relative_to(docs_dir).as_posix()})", ""]
+    return "\n".join(parts)

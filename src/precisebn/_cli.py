@@ -1,0 +1,701 @@
+"""The ``precisebn`` command line: ``precisebn demo`` and ``precisebn recompute``.
+
+Results go to standard output; log messages and errors to standard error. An error
+exits with status 1 (2 for a command line argparse rejects) and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from precisebn import __version__, _demo
+from precisebn._batches import Forward
+from precisebn._buffers import BNBuffers
+from precisebn._recompute import recompute_bn_buffers
+
+logger = logging.getLogger("precisebn")
+
+_SUMMARY_LEGEND = """\
+  shift: |old mean - new mean| / new std, per channel (0: unchanged)
+  var ratio: old var / new var, per channel (1: unchanged)
+  *: moved most (the largest shift or |log var ratio|)"""
+
+
+class CLIError(Exception):
+    """A problem with the user's input: reported as one line, exit status 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``precisebn`` command line; return the exit status.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    command: Callable[[argparse.Namespace], int] = args.run
+    with _logging_to_stderr(verbosity=args.verbose):
+        try:
+            return command(args)
+        except CLIError as error:
+            print(f"precisebn {args.command}: error: {error}", file=sys.stderr)
+            return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``precisebn`` and its subcommands.
+
+    Example:
+        >>> build_parser().parse_args(["demo", "--quick"]).quick
+        True
+    """
+    parser = argparse.ArgumentParser(
+        prog="precisebn",
+        description="Exact recomputation of BatchNorm running statistics (precise BN).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.set_defaults(command=None, verbose=0)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log what is done (-vv: also tracebacks of errors)",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_demo(sub, common)
+    _add_recompute(sub, common)
+    return parser
+
+
+def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="train a small BN net on scikit-learn's digits and show what precise BN changes",
+        description=(
+            "Train a small BatchNorm conv net on scikit-learn's bundled handwritten digits "
+            "(CPU, no download) with settings that make the running statistics stale, average "
+            "its weights (SWA), and compare test accuracy and loss with EMA, stale, precise and "
+            "update_bn statistics. Needs scikit-learn: pip install 'precisebn[demo]'."
+        ),
+    )
+    demo.add_argument("--quick", action="store_true", help="reduced training (a few seconds)")
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of initialisation and batch order (default: 0)"
+    )
+    demo.add_argument(
+        "--json",
+        action="store_true",
+        help='after the table, print one JSON object as the last line ("accuracy", "loss", ...)',
+    )
+    demo.set_defaults(command="demo", run=run_demo_command)
+
+
+def _add_recompute(sub: Any, common: argparse.ArgumentParser) -> None:
+    rec = sub.add_parser(
+        "recompute",
+        parents=[common],
+        help="recompute the BN statistics of a checkpoint and write a new checkpoint",
+        description=(
+            "Build a model with a factory, load a checkpoint's state dict into it, recompute the "
+            "running statistics of its BatchNorm layers over batches from a loader factory, and "
+            "write a copy of the checkpoint with the new statistics. Prints how far each layer's "
+            "statistics moved. Factories are named 'package.module:function' and called with no "
+            "arguments; the current directory is searched for the module first."
+        ),
+    )
+    rec.add_argument(
+        "--model", required=True, metavar="MODULE:FACTORY", help="returns the torch.nn.Module"
+    )
+    rec.add_argument(
+        "--checkpoint", required=True, type=Path, metavar="IN.pt", help="checkpoint to read"
+    )
+    rec.add_argument(
+        "--data",
+        required=True,
+        metavar="MODULE:FACTORY",
+        help="returns an iterable of batches (e.g. a DataLoader)",
+    )
+    rec.add_argument(
+        "--out", required=True, type=Path, metavar="OUT.pt", help="checkpoint to write"
+    )
+    rec.add_argument(
+        "--num-batches",
+        type=_positive_int,
+        default=200,
+        metavar="N",
+        help="the most batches to use (default: 200)",
+    )
+    rec.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)"
+    )
+    rec.add_argument(
+        "--key",
+        metavar="NAME",
+        help="the entry of the checkpoint that holds the model's state dict "
+        "(default: the checkpoint itself, or its only entry that is a state dict)",
+    )
+    rec.add_argument(
+        "--forward",
+        metavar="MODULE:FUNCTION",
+        help="forward(model, batch) -> output, for batches that are not a tensor or a tuple "
+        "or list whose first element is the input (e.g. dicts)",
+    )
+    rec.add_argument(
+        "--trusted",
+        action="store_true",
+        help="load the checkpoint with torch.load(weights_only=False), for checkpoints that "
+        "hold other Python objects: this runs code from the file, so only for files you trust",
+    )
+    rec.add_argument(
+        "--eval",
+        action="store_true",
+        help="put the model in eval mode first: dropout and other modules act as at inference "
+        "(the BN layers still pool batch statistics)",
+    )
+    rec.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (it may be the input)"
+    )
+    rec.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar (default: if standard error is a terminal and tqdm is installed)",
+    )
+    rec.add_argument(
+        "--top",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="flag the K layers that moved most (default: 3, at most a quarter of the layers)",
+    )
+    rec.set_defaults(command="recompute", run=run_recompute_command)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(*, verbosity: int) -> Iterator[None]:
+    """Show the library's log records on stderr while the command runs, then restore."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("precisebn: %(levelname)s: %(message)s"))
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """``precisebn demo``: train, recompute, print the table (and the JSON line)."""
+    if sys.stderr.isatty():
+        print("training on scikit-learn's digits ...", file=sys.stderr, flush=True)
+    try:
+        result = _demo.run_demo(seed=args.seed, quick=args.quick)
+    except ImportError as error:
+        raise CLIError(str(error)) from None
+    print(_demo.format_table(result))
+    print()
+    for line in _demo.verdict(result):
+        print(line)
+    if args.json:
+        print(json.dumps(result.to_json(), sort_keys=True))
+    return 0
+
+
+# ---------------------------------------------------------------------- recompute
+
+
+def run_recompute_command(args: argparse.Namespace) -> int:
+    """``precisebn recompute``: every check first, then the work, then one write."""
+    _check_output(args.out, overwrite=args.overwrite)
+    device = _device(args.device)
+    model = _build_model(args.model)
+    checkpoint = read_checkpoint(args.checkpoint, key=args.key, trusted=args.trusted)
+    _load_state(model, checkpoint, spec=args.model)
+    model.to(device)
+    if args.eval:
+        model.eval()
+    loader = _build_loader(args.data)
+    forward = _load_forward(args.forward)
+    logger.info("recomputing on %s, up to %d batches of %s", device, args.num_batches, args.data)
+    new = _recompute(
+        model,
+        loader,
+        num_batches=args.num_batches,
+        forward=forward,
+        progress=_want_progress(args.progress),
+    )
+    moves = summarize(checkpoint.state, new, eps=_eps_by_layer(model))
+    print(
+        f"recomputed {len(moves)} BatchNorm layers over {new.num_batches} batches "
+        f"({new.num_samples} samples)"
+    )
+    print(format_summary(moves, top=args.top))
+    updated = {k: v.detach().to("cpu", checkpoint.state[k].dtype) for k, v in new.items()}
+    _write(checkpoint.with_state(updated), args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _recompute(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    num_batches: int,
+    forward: Forward | None,
+    progress: bool,
+) -> BNBuffers:
+    """The library call; its errors become :class:`CLIError`, its warnings log records."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            new = recompute_bn_buffers(
+                model, loader, num_batches=num_batches, forward=forward, progress=progress
+            )
+        except (ValueError, TypeError, RuntimeError, ImportError) as error:
+            logger.debug("recomputing failed", exc_info=True)
+            raise CLIError(f"recomputing the statistics failed: {error}") from None
+    for warning in caught:
+        logger.warning("%s", warning.message)
+    return new
+
+
+def _load_forward(spec: str | None) -> Forward | None:
+    if spec is None:
+        return None
+    forward: Forward = load_object(spec, option="--forward")
+    if not callable(forward):
+        raise CLIError(
+            f"--forward {spec!r} is an object of type {type(forward).__name__}, not a function "
+            "forward(model, batch)"
+        )
+    return forward
+
+
+def _check_output(out: Path, *, overwrite: bool) -> None:
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a directory; give a file path")
+    if out.exists() and not overwrite:
+        raise CLIError(f"--out {out} exists; choose another path or pass --overwrite")
+    if not out.parent.is_dir():
+        raise CLIError(f"--out {out}: the directory {out.parent} does not exist")
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError(
+            f"--device cuda: CUDA is not available to this torch {torch.__version__} "
+            "(no GPU, or a CPU-only build); use --device cpu"
+        )
+    return torch.device(name)
+
+
+def load_object(spec: str, *, option: str) -> Any:
+    """Import the object named ``"package.module:attribute"`` (the attribute may be dotted).
+
+    The current directory is searched before the installed packages, as ``python -m`` does.
+
+    Raises:
+        CLIError: the spec is malformed, the module cannot be imported, or has no such attribute.
+
+    Example:
+        >>> import os
+        >>> load_object("os.path:join", option="--model") is os.path.join
+        True
+    """
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise CLIError(f"{option} {spec!r}: expected 'package.module:factory'")
+    with _cwd_on_path():
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except Exception as error:
+            logger.debug("import failed", exc_info=True)
+            raise CLIError(
+                f"{option} {spec!r}: cannot import module {module_name!r}: "
+                f"{type(error).__name__}: {error}"
+            ) from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise CLIError(
+                f"{option} {spec!r}: module {module_name!r} has no attribute {attribute!r}"
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+@contextlib.contextmanager
+def _cwd_on_path() -> Iterator[None]:
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+
+
+def _call_factory(spec: str, *, option: str) -> Any:
+    factory = load_object(spec, option=option)
+    if isinstance(factory, torch.nn.Module) or not callable(factory):
+        raise CLIError(
+            f"{option} {spec!r} is an object of type {type(factory).__name__}, not a factory: "
+            "name a function "
+            "(or class) that takes no arguments"
+        )
+    try:
+        return factory()
+    except Exception as error:
+        logger.debug("factory failed", exc_info=True)
+        raise CLIError(
+            f"{option} {spec!r}: calling it failed: {type(error).__name__}: {error}"
+        ) from None
+
+
+def _build_model(spec: str) -> nn.Module:
+    model = _call_factory(spec, option="--model")
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(
+            f"--model {spec!r} returned a value of type {type(model).__name__}, "
+            "not a torch.nn.Module"
+        )
+    return model
+
+
+def _build_loader(spec: str) -> Iterable[Any]:
+    loader = _call_factory(spec, option="--data")
+    wrong = isinstance(loader, (str, bytes, Mapping, torch.nn.Module))
+    if wrong or not isinstance(loader, Iterable):
+        raise CLIError(
+            f"--data {spec!r} returned a value of type {type(loader).__name__}, not an "
+            "iterable of batches "
+            "(e.g. a DataLoader or a list of tensors)"
+        )
+    return loader
+
+
+def _want_progress(requested: bool | None) -> bool:
+    if requested is not None:
+        return requested
+    if not sys.stderr.isatty():
+        return False
+    try:
+        importlib.import_module("tqdm")
+    except ImportError:
+        logger.info("no progress bar: tqdm is not installed (pip install 'precisebn[progress]')")
+        return False
+    return True
+
+
+# --------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint and where in it the model's state dict sits.
+
+    Attributes:
+        content: what ``torch.load`` returned.
+        key: the entry of ``content`` that is the state dict, or ``None`` if it is ``content``.
+        state: the state dict.
+    """
+
+    content: Any
+    key: str | None
+    state: Mapping[str, Any]
+
+    def with_state(self, updated: Mapping[str, Any]) -> Any:
+        """A shallow copy of the checkpoint whose state dict has ``updated`` entries replaced."""
+        state = copy.copy(self.state)  # keeps an OrderedDict's _metadata
+        state.update(updated)  # type: ignore[attr-defined]
+        if self.key is None:
+            return state
+        content = copy.copy(self.content)
+        content[self.key] = state
+        return content
+
+
+def read_checkpoint(path: Path, *, key: str | None = None, trusted: bool = False) -> Checkpoint:
+    """Load ``path`` onto the CPU with ``torch.load`` and find its state dict.
+
+    Args:
+        path: the checkpoint file.
+        key: the entry that holds the state dict (default: the content itself, or its
+            only entry that is a state dict).
+        trusted: load with ``weights_only=False``, which runs pickled code.
+
+    Raises:
+        CLIError: the file is missing or unreadable, or holds no state dict (or not at ``key``).
+    """
+    if not path.is_file():
+        raise CLIError(f"--checkpoint {path}: no such file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except Exception as error:
+        logger.debug("torch.load failed", exc_info=True)
+        hint = "" if trusted else "; if it holds other objects and you trust it: --trusted"
+        raise CLIError(
+            f"--checkpoint {path}: cannot read it with torch.load(weights_only={not trusted}): "
+            f"{type(error).__name__}: {_first_line(error)}{hint}"
+        ) from None
+    return _find_state(content, path=path, key=key)
+
+
+def _find_state(content: Any, *, path: Path, key: str | None) -> Checkpoint:
+    if key is not None:
+        if not isinstance(content, Mapping) or key not in content:
+            keys = sorted(map(str, content)) if isinstance(content, Mapping) else []
+            raise CLIError(f"--checkpoint {path} has no entry {key!r} (entries: {keys})")
+        if not _is_state_dict(content[key]):
+            raise CLIError(f"--checkpoint {path}: entry {key!r} is not a state dict of tensors")
+        return Checkpoint(content, key, content[key])
+    if _is_state_dict(content):
+        return Checkpoint(content, None, content)
+    if isinstance(content, Mapping):
+        found = [k for k, v in content.items() if isinstance(k, str) and _is_state_dict(v)]
+        if len(found) == 1:
+            logger.info("using the state dict in entry %r of the checkpoint", found[0])
+            return Checkpoint(content, found[0], content[found[0]])
+        if found:
+            raise CLIError(
+                f"--checkpoint {path} holds several state dicts {found}; choose one with --key"
+            )
+    raise CLIError(
+        f"--checkpoint {path} holds a {type(content).__name__} that is not a state dict "
+        "(a mapping from names to tensors), nor a mapping with one"
+    )
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, torch.Tensor) or k.endswith("_extra_state") for k, v in obj.items())
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
+
+
+def _load_state(model: nn.Module, checkpoint: Checkpoint, *, spec: str) -> None:
+    problems = fit_problems(model.state_dict(), checkpoint.state)
+    if not problems:
+        try:
+            model.load_state_dict(checkpoint.state, strict=True)
+        except RuntimeError as error:
+            problems = [" ".join(str(error).split())]
+    if problems:
+        raise CLIError(
+            f"the checkpoint does not fit the model from --model {spec!r}: " + "; ".join(problems)
+        )
+
+
+def fit_problems(expected: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """Why the state dict ``given`` does not fit a model whose state dict is ``expected``.
+
+    Example:
+        >>> import torch
+        >>> fit_problems({"w": torch.zeros(2)}, {"module.w": torch.zeros(2)})[0]
+        "1 missing key ('w')"
+    """
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(given[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and hasattr(given[k], "shape") and given[k].shape != v.shape
+    ]
+    problems = [
+        f"{len(items)} {what}{'s' if len(items) > 1 else ''} ({_first(items)})"
+        for what, items in (
+            ("missing key", [repr(k) for k in missing]),
+            ("unexpected key", [repr(k) for k in unexpected]),
+            ("shape mismatch", shapes),
+        )
+        if items
+    ]
+    for prefix in ("module.", "_orig_mod."):
+        stripped = {k.removeprefix(prefix) for k in given if k.startswith(prefix)}
+        if missing and set(missing) <= stripped:
+            problems.append(
+                f"the checkpoint's keys start with {prefix!r} (saved from a wrapper such as "
+                "DistributedDataParallel, AveragedModel or torch.compile?): have --model build "
+                "the same wrapper, or save the inner module's state dict"
+            )
+    return problems
+
+
+def _first(items: Sequence[str], shown: int = 3) -> str:
+    return ", ".join(items[:shown]) + (", ..." if len(items) > shown else "")
+
+
+def _write(content: Any, out: Path, *, overwrite: bool) -> None:
+    """Save ``content`` to ``out``: never over an existing file unless told, never partially."""
+    if overwrite:  # through a temporary file, so that a failed save leaves the old file intact
+        handle, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(content, file)
+            os.replace(tmp_name, out)
+        finally:
+            Path(tmp_name).unlink(missing_ok=True)
+        return
+    try:
+        file = out.open("xb")
+    except FileExistsError:
+        raise CLIError(f"--out {out} exists; choose another path or pass --overwrite") from None
+    try:
+        with file:
+            torch.save(content, file)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------ summary
+
+
+@dataclass(frozen=True)
+class LayerMove:
+    """How far one layer's statistics moved, summarised over its channels.
+
+    Attributes:
+        layer: the module name.
+        channels: the number of channels.
+        shift_mean: mean over channels of ``|old mean - new mean| / sqrt(new var + eps)``.
+        shift_max: the largest such shift.
+        ratio_min: the smallest ``(old var + eps) / (new var + eps)``.
+        ratio_max: the largest such ratio.
+    """
+
+    layer: str
+    channels: int
+    shift_mean: float
+    shift_max: float
+    ratio_min: float
+    ratio_max: float
+
+    @property
+    def score(self) -> float:
+        """How much the layer moved: the larger of the largest shift and ``|ln ratio|``."""
+        return max(self.shift_max, abs(math.log(self.ratio_min)), abs(math.log(self.ratio_max)))
+
+
+def summarize(
+    old: Mapping[str, Any], new: Mapping[str, Any], *, eps: Mapping[str, float]
+) -> list[LayerMove]:
+    """Compare old and new buffers, layer by layer, in the order of ``new``.
+
+    Args:
+        old: buffers keyed ``"<layer>.running_mean"`` / ``"<layer>.running_var"``.
+        new: the recomputed buffers, same keys.
+        eps: each layer's ``eps``.
+
+    Example:
+        >>> import torch
+        >>> old = {"bn.running_mean": torch.tensor([2.0]), "bn.running_var": torch.tensor([4.0])}
+        >>> new = {"bn.running_mean": torch.tensor([0.0]), "bn.running_var": torch.tensor([1.0])}
+        >>> move = summarize(old, new, eps={"bn": 0.0})[0]
+        >>> move.shift_max, move.ratio_max
+        (2.0, 4.0)
+    """
+    moves = []
+    for key in new:
+        if not key.endswith("running_mean"):
+            continue
+        layer = key[: -len("running_mean")].rstrip(".")
+        var_key = key[: -len("mean")] + "var"
+        e = eps.get(layer, 0.0)
+        old_mean, new_mean = (t[key].detach().to("cpu", torch.float64) for t in (old, new))
+        old_var, new_var = (t[var_key].detach().to("cpu", torch.float64) + e for t in (old, new))
+        shift = (old_mean - new_mean).abs() / new_var.sqrt()
+        ratio = old_var / new_var
+        moves.append(
+            LayerMove(
+                layer=layer,
+                channels=int(new_mean.numel()),
+                shift_mean=shift.mean().item(),
+                shift_max=shift.max().item(),
+                ratio_min=ratio.min().item(),
+                ratio_max=ratio.max().item(),
+            )
+        )
+    return moves
+
+
+def format_summary(moves: Sequence[LayerMove], *, top: int | None = None) -> str:
+    """An aligned table of the moves, in module order, flagging the ``top`` that moved most.
+
+    Args:
+        moves: from :func:`summarize`.
+        top: how many layers to flag; default 3, but at most a quarter of the layers
+            (at least one).
+    """
+    if top is None:
+        top = min(3, max(1, len(moves) // 4))
+    flagged = {m.layer for m in sorted(moves, key=lambda m: -m.score)[:top]}
+    names = [m.layer or "<model>" for m in moves]
+    width = max([len("layer"), *map(len, names)])
+    header = (
+        f"  {'layer':<{width}}  {'ch':>5}  {'shift avg':>9}  {'shift max':>9}  "
+        f"{'var ratio min':>13}  {'var ratio max':>13}"
+    )
+    lines = [header, "  " + "-" * (len(header) - 2)]
+    for name, m in zip(names, moves, strict=True):
+        mark = "  *" if m.layer in flagged else ""
+        lines.append(
+            f"  {name:<{width}}  {m.channels:>5}  {m.shift_mean:>9.3f}  {m.shift_max:>9.3f}  "
+            f"{m.ratio_min:>13.3f}  {m.ratio_max:>13.3f}{mark}"
+        )
+    lines.append(_SUMMARY_LEGEND)
+    return "\n".join(lines)
+
+
+def _eps_by_layer(model: nn.Module) -> dict[str, float]:
+    return {name: float(m.eps) for name, m in model.named_modules() if isinstance(m, _BatchNorm)}

@@ -1,0 +1,198 @@
+"""Exact reduction of a statistics state across the ranks of a ``torch.distributed`` group.
+
+Three all-reduces (sums) of float64 tensors per run, whatever the number of layers,
+batches or ranks:
+
+1. a header of ``world + 4`` numbers: a failure flag per rank, the batch and sample
+   counts, and a fingerprint of the state's layout (layer names and channel counts).
+   It has the same size on every rank, so a rank whose loader raised, or a state laid
+   out differently, is reported on every rank before any variable-sized message is sent;
+2. ``[count, count * mean]`` of every layer: summed, the global count ``N`` and mean ``mu``;
+3. ``m2 + count * (mean - mu)**2`` of every layer: summed, the global sum of squared
+   deviations from ``mu`` (the parallel-axis theorem; every term is non-negative, so
+   the sum does not cancel).
+
+With ``L`` layers and ``C`` channels in all, each rank contributes
+``8 * (world + 4 + L + 2 * C)`` bytes; a ring all-reduce sends and receives about twice
+that per rank. Every rank then derives its result from the same reduced tensors with the
+same operations, so the results are identical on every rank as long as the backend hands
+every rank the same reduced tensor (gloo's and NCCL's algorithms reduce each element once
+and then distribute it).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from precisebn._moments import Moments, Stats
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["abandon", "all_reduce_stats", "reduce_run", "reduction_group"]
+
+logger = logging.getLogger("precisebn")
+
+_F64 = torch.float64
+_HASH_BITS = 16  # fingerprint**2 * world stays an exact float64 integer up to 2**21 ranks
+
+
+def reduction_group(process_group: ProcessGroup | None = None) -> ProcessGroup | None:
+    """The group to reduce over, or ``None`` when there is nothing to reduce.
+
+    ``None`` when ``torch.distributed`` is unavailable or not initialised, or the group
+    has a single rank.
+
+    Raises:
+        ValueError: ``process_group`` is given and this rank is not one of its members.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            f"rank {dist.get_rank()} is not a member of process_group; call with the group "
+            "this rank belongs to, or with distributed=False"
+        )
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def all_reduce_stats(stats: Stats, *, process_group: ProcessGroup | None = None) -> Stats:
+    """Combine the statistics states of every rank exactly; every rank gets the same result.
+
+    A collective: every rank of the group must call it, with a state holding the same
+    layers in the same order with the same channel counts (a state built with
+    :func:`precisebn.init` from the same model is). A layer that a rank never reached
+    (count 0) adds nothing. Three all-reduces of float64 tensors, whatever the number
+    of layers (the "Distributed" page of the docs says how many bytes move).
+
+    Without an initialised process group, or with a group of one rank, the state is
+    returned as it is (in a new dict), so the same code runs on one process.
+
+    Args:
+        stats: this rank's state.
+        process_group: the group to reduce over (default: the default group).
+
+    Returns:
+        A new state: per layer the count, mean and sum of squared deviations of the
+        values seen on all ranks together, on the devices of ``stats``.
+
+    Raises:
+        ValueError: the ranks' states hold different layers or channel counts (raised on
+            every rank), or this rank is not a member of ``process_group``.
+
+    Example:
+        >>> import torch, precisebn
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> stats = precisebn.init(precisebn.bn_buffers(model))
+        >>> stats = precisebn.update(stats, model, torch.randn(8, 3))
+        >>> reduced = precisebn.all_reduce_stats(stats)  # no process group: the identity
+        >>> reduced["1"].count.item(), torch.equal(reduced["1"].m2, stats["1"].m2)
+        (8.0, True)
+    """
+    group = reduction_group(process_group)
+    if group is None:
+        return dict(stats)
+    return reduce_run(stats, batches=0, samples=0, group=group)[0]
+
+
+def reduce_run(
+    stats: Stats, *, batches: int, samples: int, group: ProcessGroup
+) -> tuple[Stats, int, int]:
+    """Reduce a finished run over ``group``: the global state, batch and sample counts.
+
+    Raises:
+        RuntimeError: another rank called :func:`abandon` (its loader or forward raised).
+        ValueError: the ranks' states are laid out differently.
+    """
+    header = _header(stats, batches=batches, samples=samples, failed=False, group=group)
+    _check_header(header, stats, group=group)
+    world = dist.get_world_size(group)
+    batches, samples = int(header[world].item()), int(header[world + 1].item())
+    if not stats:  # the same on every rank: the layouts were checked
+        return {}, batches, samples
+    device = _comm_device(stats, group)
+    local = [Moments(*(t.to(device, _F64) for t in m)) for m in stats.values()]
+    first = torch.cat([m.count.reshape(1) for m in local] + [m.count * m.mean for m in local])
+    dist.all_reduce(first, group=group)
+    counts, sums = first[: len(local)], _split(first[len(local) :], local)
+    means = [s / n.clamp_min(1.0) for s, n in zip(sums, counts, strict=True)]
+    deviations = [
+        m.m2 + m.count * (m.mean - mu).square() for m, mu in zip(local, means, strict=True)
+    ]
+    second = torch.cat(deviations)
+    dist.all_reduce(second, group=group)
+    out: Stats = {}
+    parts = zip(stats.items(), counts, means, _split(second, local), strict=True)
+    for (layer, m), n, mu, m2 in parts:
+        where = m.mean.device
+        out[layer] = Moments(n.to(where), mu.to(where), m2.to(where))
+    return out, batches, samples
+
+
+def abandon(stats: Stats, *, group: ProcessGroup) -> None:
+    """Tell the other ranks of ``group`` that this rank's run failed, then return.
+
+    Joins the first collective of :func:`reduce_run` with this rank's failure flag set,
+    so the other ranks raise instead of waiting for data that will not come. Errors of
+    the collective itself are logged, not raised: the caller re-raises its own error.
+    """
+    try:
+        _header(stats, batches=0, samples=0, failed=True, group=group)
+    except (RuntimeError, ValueError) as error:  # the original error matters more
+        logger.warning("could not tell the other ranks that this rank failed: %s", error)
+
+
+def _header(
+    stats: Stats, *, batches: int, samples: int, failed: bool, group: ProcessGroup
+) -> Tensor:
+    """All-reduce ``[failure flag per rank, batches, samples, h, h**2]``; return the sums."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    h = float(_fingerprint(stats))
+    values = [0.0] * world + [float(batches), float(samples), h, h * h]
+    values[rank] = float(failed)
+    header = torch.tensor(values, dtype=_F64).to(_comm_device(stats, group))
+    dist.all_reduce(header, group=group)
+    return header
+
+
+def _check_header(header: Tensor, stats: Stats, *, group: ProcessGroup) -> None:
+    world = dist.get_world_size(group)
+    values = header.tolist()
+    failed = [rank for rank, flag in enumerate(values[:world]) if flag]
+    if failed:
+        raise RuntimeError(
+            f"precise BN stopped: rank(s) {failed} of the process group raised while running "
+            "their batches (see their tracebacks); no statistics were reduced and the model "
+            "is unchanged"
+        )
+    # sum(h_r) == world * h and sum(h_r**2) == world * h**2 hold only if every h_r == h.
+    h = float(_fingerprint(stats))
+    if values[-2] != world * h or values[-1] != world * h * h:
+        raise ValueError(
+            "the ranks' statistics states hold different layers or channel counts; every rank "
+            "must recompute the same layers of the same model (same layers= selection)"
+        )
+
+
+def _fingerprint(stats: Stats) -> int:
+    layout = ";".join(f"{layer}:{m.mean.numel()}" for layer, m in stats.items())
+    return zlib.crc32(layout.encode()) & ((1 << _HASH_BITS) - 1)
+
+
+def _comm_device(stats: Stats, group: ProcessGroup) -> torch.device:
+    """The device of the first layer's moments, or the current GPU for a pure NCCL group."""
+    device = next(iter(stats.values())).mean.device if stats else torch.device("cpu")
+    if device.type == "cpu" and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _split(flat: Tensor, layers: list[Moments]) -> list[Tensor]:
+    return list(torch.split(flat, [m.mean.numel() for m in layers]))

@@ -1,0 +1,38 @@
+"""CUDA: agreement with the CPU and no host-device synchronisation per batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import precisebn
+
+from models import SmallCNN
+from reference import assert_matches, pooled_inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_cuda_matches_reference_and_stays_on_device() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN().cuda()
+    batches = [torch.randn(n, 3, 16, 16) * 2 + 1 for n in (16, 16, 7)]
+    new = precisebn.recompute_bn_buffers(model, batches)
+    assert all(v.device.type == "cuda" for v in new.values())
+    assert_matches(new, pooled_inputs(model, [b.cuda() for b in batches]))
+
+
+def test_no_sync_per_batch() -> None:
+    model = SmallCNN().cuda()
+    model.bn1.momentum = None
+    batches = [torch.randn(8, 3, 16, 16, device="cuda") for _ in range(4)]
+    stats = precisebn.init(precisebn.bn_buffers(model))
+    stats = precisebn.update(stats, model, batches[0])  # warm-up: first-call set-up may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches[1:]:
+            stats = precisebn.update(stats, model, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats["bn1"].count.item() == 4 * 8 * 16 * 16

@@ -1,0 +1,133 @@
+"""The Python snippets on the documentation pages run, page by page, against a small model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import precisebn
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGES = ["index.md", "quickstart.md", "recipes.md"]
+FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+class Net(nn.Module):
+    """The model the pages describe: BN layers ``backbone.1``, ``backbone.4``, ``head.3``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 16),
+            nn.BatchNorm1d(16),
+            nn.ReLU(),
+            nn.Linear(16, 5),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # The models are tiny: one thread is several times faster than two on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_one_epoch(model: nn.Module, loader: Any) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for images, labels in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+
+def snippets(page: str) -> list[str]:
+    blocks = FENCE.findall((DOCS / page).read_text())
+    return [block for block in blocks if "--8<--" not in block]
+
+
+def namespace() -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    loader = [
+        (torch.randn(16, 3, 8, 8, generator=gen) + 1, torch.randint(0, 5, (16,), generator=gen))
+        for _ in range(8)
+    ]
+    torch.manual_seed(0)
+    return {
+        "torch": torch,
+        "precisebn": precisebn,
+        "model": Net(),
+        "train_loader": loader,
+        "images": torch.randn(4, 3, 8, 8, generator=gen),
+        "train_one_epoch": train_one_epoch,
+    }
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_snippets_run(page: str, capsys: pytest.CaptureFixture[str]) -> None:
+    blocks = snippets(page)
+    assert blocks, f"{page} has no python snippets"
+    scope = namespace()
+    model = scope["model"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for index, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"{page}[{index}]", "exec"), scope)
+        except Exception as error:  # pragma: no cover - the message is the point
+            raise AssertionError(f"{page}, python block {index} failed:\n{block}") from error
+    printed = capsys.readouterr().out
+    if page == "quickstart.md":
+        # The outputs shown as comments are what the snippets print.
+        assert "BNBuffers(3 layers, num_batches=8, num_samples=128)" in printed
+        assert "['backbone.1.running_mean', 'backbone.1.running_var']" in printed
+    # Every page ends by recomputing buffers; they must be real statistics.
+    new = scope["new"]
+    assert isinstance(new, precisebn.BNBuffers)
+    assert new.num_batches == 8
+    if page == "index.md":
+        # The page loads the result into the model.
+        after = model.state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in new)
+
+
+def test_quickstart_functional_form_matches_recompute() -> None:
+    scope = namespace()
+    *_, functional = snippets("quickstart.md")
+    exec(functional, scope)
+    expected = precisebn.recompute_bn_buffers(scope["model"], scope["train_loader"])
+    for key, value in expected.items():
+        torch.testing.assert_close(scope["buffers"][key], value, rtol=0, atol=0)
+
+
+def test_quickstart_functional_call_uses_the_new_buffers() -> None:
+    scope = namespace()
+    model = scope["model"].eval()
+    new = precisebn.recompute_bn_buffers(model, scope["train_loader"])
+    with torch.no_grad():
+        via_call = torch.func.functional_call(model, new, (scope["images"],))
+        precisebn.apply_bn_buffers(model, new)
+        applied = model(scope["images"])
+    torch.testing.assert_close(via_call, applied)
