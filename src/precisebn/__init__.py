@@ -1,10 +1,14 @@
 """precisebn: exact, pure recomputation of BatchNorm running statistics with torch.func."""
 
+import logging as _logging
+
+from precisebn._batches import Forward as Forward
 from precisebn._buffers import BNBuffers as BNBuffers
 from precisebn._buffers import apply_bn_buffers as apply_bn_buffers
 from precisebn._buffers import bn_buffers as bn_buffers
 from precisebn._capture import capture as capture
 from precisebn._distributed import all_reduce_stats as all_reduce_stats
+from precisebn._layers import LayerSelector as LayerSelector
 from precisebn._moments import Moments as Moments
 from precisebn._moments import Stats as Stats
 from precisebn._moments import finalize as finalize
@@ -15,6 +19,8 @@ from precisebn._recompute import update as update
 
 __all__ = [
     "BNBuffers",
+    "Forward",
+    "LayerSelector",
     "Moments",
     "Stats",
     "all_reduce_stats",
@@ -28,3 +34,6 @@ __all__ = [
     "update",
 ]
 __version__ = "0.1.0"
+
+# A library logs, the application decides where it goes.
+_logging.getLogger("precisebn").addHandler(_logging.NullHandler())

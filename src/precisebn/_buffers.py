@@ -44,7 +44,7 @@ def bn_buffers(model: nn.Module, *, layers: LayerSelector = None) -> dict[str, T
     Args:
         model: any module.
         layers: which BN layers (default: all that track running statistics); see
-            :func:`precisebn.recompute_bn_buffers`.
+            `precisebn.recompute_bn_buffers`.
 
     Returns:
         ``{"<layer>.running_mean": tensor, "<layer>.running_var": tensor, ...}``: the

@@ -1,6 +1,6 @@
 """Run batches statelessly and record the per-call moments of every recomputed BN input.
 
-The model runs under :func:`torch.func.functional_call` with each recomputed layer's
+The model runs under `torch.func.functional_call` with each recomputed layer's
 ``running_mean`` replaced by a private *tag* tensor. A tag is a tensor subclass whose
 ``__torch_function__`` sees only the calls that involve it: the layer's
 ``torch.nn.functional.batch_norm`` call is replaced by a training-mode call on scratch
@@ -297,7 +297,7 @@ def capture(
 
     Returns:
         ``(output, moments)`` where ``moments`` maps each layer that the batch reached to
-        its :class:`Moments` (all calls of a reused layer pooled).
+        its `Moments` (all calls of a reused layer pooled).
 
     Example:
         >>> import torch, precisebn

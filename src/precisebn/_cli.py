@@ -286,7 +286,7 @@ def _recompute(
     forward: Forward | None,
     progress: bool,
 ) -> BNBuffers:
-    """The library call; its errors become :class:`CLIError`, its warnings log records."""
+    """The library call; its errors become `CLIError`, its warnings log records."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -673,7 +673,7 @@ def format_summary(moves: Sequence[LayerMove], *, top: int | None = None) -> str
     """An aligned table of the moves, in module order, flagging the ``top`` that moved most.
 
     Args:
-        moves: from :func:`summarize`.
+        moves: from `summarize`.
         top: how many layers to flag; default 3, but at most a quarter of the layers
             (at least one).
     """

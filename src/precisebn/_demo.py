@@ -4,12 +4,12 @@ A small BatchNorm conv net is trained on scikit-learn's bundled handwritten digi
 (1,797 8x8 images, no download) with settings under which the running (EMA) statistics
 go stale: small batches, a high BN momentum and a high learning rate up to the last step.
 A stochastic weight averaging (SWA) phase follows, with
-:class:`torch.optim.swa_utils.AveragedModel`, whose averaged weights never ran in
+`torch.optim.swa_utils.AveragedModel`, whose averaged weights never ran in
 training, so their BN buffers are whatever the model had when averaging began.
 
 Five models are scored on the held-out images: the final weights with their EMA buffers
 and with precise buffers; the SWA weights with their stale buffers, with precise buffers,
-and with :func:`torch.optim.swa_utils.update_bn` (the peer).
+and with `torch.optim.swa_utils.update_bn` (the peer).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class DemoResult:
         seed: the seed of the weight initialisation and the batch order.
         quick: whether the reduced settings were used.
         settings: the training settings.
-        scores: one :class:`Score` per name in :data:`ROWS`.
+        scores: one `Score` per name in `ROWS`.
         train_size: number of training images.
         test_size: number of test images.
         seconds: wall time of training and scoring.
@@ -229,7 +229,7 @@ def run_demo(*, seed: int = 0, quick: bool = False) -> DemoResult:
 
     Args:
         seed: seeds the weight initialisation and the batch order.
-        quick: use the reduced settings :data:`QUICK` (a few seconds) instead of :data:`FULL`.
+        quick: use the reduced settings `QUICK` (a few seconds) instead of `FULL`.
 
     Raises:
         ImportError: scikit-learn is not installed.

@@ -68,7 +68,7 @@ def all_reduce_stats(stats: Stats, *, process_group: ProcessGroup | None = None)
 
     A collective: every rank of the group must call it, with a state holding the same
     layers in the same order with the same channel counts (a state built with
-    :func:`precisebn.init` from the same model is). A layer that a rank never reached
+    `precisebn.init` from the same model is). A layer that a rank never reached
     (count 0) adds nothing. Three all-reduces of float64 tensors, whatever the number
     of layers (the "Distributed" page of the docs says how many bytes move).
 
@@ -108,7 +108,7 @@ def reduce_run(
     """Reduce a finished run over ``group``: the global state, batch and sample counts.
 
     Raises:
-        RuntimeError: another rank called :func:`abandon` (its loader or forward raised).
+        RuntimeError: another rank called `abandon` (its loader or forward raised).
         ValueError: the ranks' states are laid out differently.
     """
     header = _header(stats, batches=batches, samples=samples, failed=False, group=group)
@@ -139,7 +139,7 @@ def reduce_run(
 def abandon(stats: Stats, *, group: ProcessGroup) -> None:
     """Tell the other ranks of ``group`` that this rank's run failed, then return.
 
-    Joins the first collective of :func:`reduce_run` with this rank's failure flag set,
+    Joins the first collective of `reduce_run` with this rank's failure flag set,
     so the other ranks raise instead of waiting for data that will not come. Errors of
     the collective itself are logged, not raised: the caller re-raises its own error.
     """

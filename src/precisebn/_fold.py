@@ -1,7 +1,7 @@
 """Folding each batch into the running state with a fixed number of tensor operations.
 
 The recomputed layers' channels are laid end to end, so one batch's moments of every layer
-form a single :class:`Moments` whose ``count`` is per channel; :func:`merge_layer` (Chan's
+form a single `Moments` whose ``count`` is per channel; `merge_layer` (Chan's
 combination, elementwise) then folds a whole batch at once, whatever the number of layers.
 """
 

@@ -35,7 +35,7 @@ class Moments(NamedTuple):
 
 
 Stats = dict[str, Moments]
-"""A statistics state: :class:`Moments` per layer name."""
+"""A statistics state: `Moments` per layer name."""
 
 
 def init(buffers: Mapping[str, Tensor]) -> Stats:
@@ -43,7 +43,7 @@ def init(buffers: Mapping[str, Tensor]) -> Stats:
 
     Args:
         buffers: BN buffers keyed like ``model.named_buffers()``, as returned by
-            :func:`precisebn.bn_buffers`.
+            `precisebn.bn_buffers`.
 
     Example:
         >>> import torch, precisebn

@@ -36,7 +36,7 @@ def update(
     """Fold one batch into ``stats``: a new state; nothing is mutated.
 
     Records the layers that ``stats`` holds. The batch is moved to the model's device and
-    run without autograd; see :func:`precisebn.capture` for the forward's semantics.
+    run without autograd; see `precisebn.capture` for the forward's semantics.
 
     Example:
         >>> import torch, precisebn
@@ -86,7 +86,7 @@ def recompute_bn_buffers(
     """Recompute BatchNorm running statistics exactly, returning new buffers.
 
     Runs up to ``num_batches`` batches of ``loader`` through ``model`` statelessly
-    (:func:`torch.func.functional_call`, no autograd) and, for each recomputed layer,
+    (`torch.func.functional_call`, no autograd) and, for each recomputed layer,
     pools every value that reached it over every call as if the whole run were one batch:
     ``running_mean`` is the mean and ``running_var`` the unbiased variance ``N/(N-1)``,
     where ``N`` counts batch times spatial (or sequence) positions. During the run each
@@ -95,7 +95,7 @@ def recompute_bn_buffers(
 
     The model is never changed: not its parameters, buffers, flags or hooks, also not
     when the loader or the forward raises. Apply the result with
-    ``model.load_state_dict(new, strict=False)``, :func:`precisebn.apply_bn_buffers`, or
+    ``model.load_state_dict(new, strict=False)``, `precisebn.apply_bn_buffers`, or
     pass it to ``torch.func.functional_call``.
 
     Args:
@@ -125,7 +125,7 @@ def recompute_bn_buffers(
             group there is nothing to pool and this flag has no effect.
 
     Returns:
-        A :class:`precisebn.BNBuffers` (a ``dict``) keyed ``"<layer>.running_mean"`` and
+        BNBuffers: a ``dict`` keyed ``"<layer>.running_mean"`` and
         ``"<layer>.running_var"``, each with the dtype, device and shape of the buffer it
         replaces, sharing no storage with it; ``.num_batches`` and ``.num_samples`` say how
         much data was used (summed over the ranks when pooled). A layer no batch reached
