@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +47,6 @@ def checkpoint(tmp_path: Path) -> Path:
     path = tmp_path / "in.pt"
     torch.save(cli_factories.make_model().state_dict(), path)
     return path
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def recompute_args(checkpoint: Path, out: Path, /, **changes: str) -> list[str]:

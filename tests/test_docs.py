@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +43,8 @@ class Net(nn.Module):
         return self.head(self.backbone(x))
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # The models are tiny: one thread is several times faster than two on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+# The models are tiny: one thread is several times faster than two on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_one_epoch(model: nn.Module, loader: Any) -> None:

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from precisebn._capture import Record
+from precisebn._capture import Record, collect
 from precisebn._layers import STAT_NAMES, buffer_key
-from precisebn._moments import Moments, Stats, from_batch, merge_layer
+from precisebn._moments import Moments, Stats, merge_layer
 
 _COUNT_CACHE_SIZE = 64
 
@@ -84,9 +84,7 @@ class FlatLayout:
 
 def _pooled_rows(calls: list[Record]) -> Tensor:
     """``[mean; unbiased var]`` rows of a layer's calls in one batch, pooled exactly."""
-    pooled = from_batch(calls[0].count, calls[0].stats[0], calls[0].stats[1])
-    for r in calls[1:]:
-        pooled = merge_layer(pooled, from_batch(r.count, r.stats[0], r.stats[1]))
+    pooled = collect(calls)[calls[0].layer]
     return torch.stack([pooled.mean, pooled.m2 / (pooled.count - 1)])
 
 
