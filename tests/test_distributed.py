@@ -406,8 +406,9 @@ def test_opting_out_keeps_per_rank_statistics(world: list[dict[str, Result]]) ->
 def test_hand_written_loop_with_all_reduce_stats(world: list[dict[str, Result]]) -> None:
     results = ranks(world, "hand_loop")
     assert_identical_across_ranks(results)
-    for key, value in ranks(world, "unequal")[0]["buffers"].items():
-        assert torch.equal(results[0]["buffers"][key], value), key
+    # The same statistics as recompute_bn_buffers, up to float64 rounding (it pools batches
+    # in blocks; the hand-written loop merges them one at a time).
+    assert_close_buffers(results[0]["buffers"], ranks(world, "unequal")[0]["buffers"], **F64)
 
 
 def test_process_group_selects_the_ranks_that_pool(world: list[dict[str, Result]]) -> None:

@@ -110,8 +110,10 @@ def test_quickstart_functional_form_matches_recompute() -> None:
     *_, functional = snippets("quickstart.md")
     exec(functional, scope)
     expected = precisebn.recompute_bn_buffers(scope["model"], scope["train_loader"])
+    # The same float64 statistics up to rounding (recompute pools batches in blocks, the
+    # functional loop one at a time): at most a couple of float32 ulps apart.
     for key, value in expected.items():
-        torch.testing.assert_close(scope["buffers"][key], value, rtol=0, atol=0)
+        torch.testing.assert_close(scope["buffers"][key], value, rtol=2.5e-7, atol=1e-12)
 
 
 def test_quickstart_functional_call_uses_the_new_buffers() -> None:

@@ -48,8 +48,10 @@ def test_precise_buffers_match_the_library(
     expected = precisebn.recompute_bn_buffers(model, loader, params=params, buffers=ema)
     assert expected.num_samples == len(trained["train"][1])
     precise = trained["precise_buffers"]
+    # The same float64 statistics up to rounding (recompute pools batches in blocks, the
+    # example's loop one at a time): at most a couple of float32 ulps apart.
     for key, value in expected.items():
-        torch.testing.assert_close(precise[key], value, rtol=0, atol=0)
+        torch.testing.assert_close(precise[key], value, rtol=2.5e-7, atol=1e-12)
     # The recomputed statistics differ from the running averages the loop kept.
     assert not torch.equal(precise["1.running_var"], ema["1.running_var"])
 

@@ -217,3 +217,23 @@ def test_generator_loader_and_lazy_layer_after_first_call() -> None:
     batches = ragged((3,), [5, 6])
     new = precisebn.recompute_bn_buffers(model, (b for b in batches))
     assert_matches(new, pooled_inputs(model, batches))
+
+
+def test_many_batches_span_several_pooled_blocks() -> None:
+    """More batches than one block holds, ragged, with a reused and an unreached layer."""
+    torch.manual_seed(9)
+    model = ReusedBN()
+    sizes = [3 + (i * 7) % 5 for i in range(37)]
+    batches = ragged((3, 6, 6), sizes, scale=3.0, offset=-4.0)
+    with pytest.warns(UserWarning, match="'unused'"):
+        new = precisebn.recompute_bn_buffers(model, batches)
+    assert new.num_batches == 37
+    assert_matches(new, pooled_inputs(model, batches))
+
+
+def test_float64_model_folds_to_float64_precision() -> None:
+    torch.manual_seed(10)
+    model = SmallCNN().double()
+    batches = [b.double() for b in ragged((3, 6, 6), [5] * 20 + [2], offset=100.0)]
+    new = precisebn.recompute_bn_buffers(model, batches)
+    assert_matches(new, pooled_inputs(model, batches), rtol_var=1e-12, rtol_mean=1e-12)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +39,40 @@ class Record:
         self.layer, self.count, self.stats = layer, count, stats
 
 
+class Sink(Protocol):
+    """Where intercepted calls put their batch moments."""
+
+    def scratch(
+        self, layer: str, channels: int, dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        """A zeroed ``[2, channels]`` tensor for the kernel to write ``[mean; var]`` into."""
+        ...
+
+    def record(self, layer: str, count: int, stats: Tensor) -> None:
+        """Take the moments of ``count`` values per channel written into ``stats``."""
+        ...
+
+
+class RecordList:
+    """The plain sink: fresh scratch per call, every call kept as a `Record`."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def scratch(
+        self, layer: str, channels: int, dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        return torch.zeros(2, channels, dtype=dtype, device=device)
+
+    def record(self, layer: str, count: int, stats: Tensor) -> None:
+        self.records.append(Record(layer, count, stats))
+
+
 class _Tag(Tensor):
     """A recomputed layer's stand-in ``running_mean``: intercepts that layer's BN call."""
 
     layer: str
-    records: list[Record]
+    owner: Runner
 
     @classmethod
     def __torch_function__(
@@ -55,6 +84,11 @@ class _Tag(Tensor):
     ) -> Any:
         kwargs = kwargs or {}
         if func is F.batch_norm:
+            if len(args) == 3 and isinstance(args[1], _Tag):  # how F.batch_norm dispatches
+                get = kwargs.get
+                return _record_batch_norm(
+                    args[1], args[0], get("weight"), get("bias"), get("eps", 1e-5)
+                )
             bound = _bind(args, kwargs)
             if isinstance(bound[1], _Tag):
                 return _record_batch_norm(bound[1], bound[0], bound[3], bound[4], bound[7])
@@ -78,9 +112,10 @@ def _record_batch_norm(
         # Mixed-precision kernel: half/bfloat16 input, float32 affine and statistics.
         weight = weight.float() if weight is not None else None
         bias = bias.float() if bias is not None else None
-    stats = torch.zeros(2, channels, dtype=stat_dtype, device=x.device)
+    sink = tag.owner.sink
+    stats = sink.scratch(tag.layer, channels, stat_dtype, x.device)
     out = F.batch_norm(x, stats[0], stats[1], weight, bias, True, 1.0, eps)
-    tag.records.append(Record(tag.layer, count, stats))
+    sink.record(tag.layer, count, stats)
     return out
 
 
@@ -97,8 +132,8 @@ def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
 
 
 T = TypeVar("T")
-Step = Callable[[Any], tuple[Any, list[Record]]]
-"""``step(batch) -> (output, records)``: one batch through the bound model."""
+Step = Callable[[Any], Any]
+"""``step(batch) -> output``: one batch through the bound model."""
 
 
 class Runner:
@@ -127,7 +162,7 @@ class Runner:
         }
         self.device = next(iter(state.values())).device if state else torch.device("cpu")
         self.floating_params = any(t.is_floating_point() for t in state.values())
-        self.records: list[Record] = []
+        self.sink: Sink = RecordList()
         # Bound for the whole run: the caller's overrides, the tags, and private copies of
         # every buffer a forward might write to.
         self._swap = {**(params or {}), **(buffers or {})}
@@ -146,43 +181,42 @@ class Runner:
             mean_key, var_key = (buffer_key(name, s) for s in STAT_NAMES)
             tag = state[mean_key].detach().clone().as_subclass(_Tag)
             assert isinstance(tag, _Tag)
-            tag.layer, tag.records = name, self.records
+            tag.layer, tag.owner = name, self
             tags[mean_key] = tag
             tags[var_key] = state[var_key].detach().clone()
         return tags
 
-    def within(self, loop: Callable[[Step], T]) -> T:
+    def within(self, loop: Callable[[Step], T], *, sink: Sink) -> T:
         """Call ``loop(step)`` with the stateless state bound; return what it returns.
 
-        ``step(batch) -> (output, records)`` runs one batch. One ``functional_call`` covers
-        the whole loop (binding per batch costs about as much as a small model's forward);
-        the model's own tensors are back in place when it returns, also on error.
+        ``step(batch) -> output`` runs one batch; every recomputed BN call puts its batch
+        moments into ``sink``. One ``functional_call`` covers the whole loop (binding per
+        batch costs about as much as a small model's forward); the model's own tensors are
+        back in place when it returns, also on error.
         """
         swap = self._swap
         if self._prefix:
             swap = {k.removeprefix(self._prefix): v for k, v in swap.items()}
 
-        def step_with(model: nn.Module) -> Step:
-            def step(batch: Any) -> tuple[Any, list[Record]]:
-                self.records.clear()
-                out = self.forward(model, batch)
-                records = list(self.records)
-                self.records.clear()
-                return out, records
+        def body(model: nn.Module) -> T:
+            return loop(lambda batch: self.forward(model, batch))
 
-            return step
-
-        holder = _Holder(self._target, lambda model: loop(step_with(model)))
-        with _local_sync_bn(self._sync_bn):
-            result: T = torch.func.functional_call(
-                holder, {f"model.{k}": v for k, v in swap.items()}, (), strict=False
-            )
+        holder = _Holder(self._target, body)
+        self.sink = sink
+        try:
+            with _local_sync_bn(self._sync_bn):
+                result: T = torch.func.functional_call(
+                    holder, {f"model.{k}": v for k, v in swap.items()}, (), strict=False
+                )
+        finally:
+            self.sink = RecordList()
         return result
 
     def run(self, batch: Any) -> tuple[Any, Stats]:
         """Run ``batch`` through the model; return its output and the batch moments per layer."""
-        out, records = self.within(lambda step: step(batch))
-        return out, collect(records)
+        sink = RecordList()
+        out = self.within(lambda step: step(batch), sink=sink)
+        return out, collect(sink.records)
 
 
 class _Holder(nn.Module):

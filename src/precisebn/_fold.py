@@ -1,8 +1,14 @@
-"""Folding each batch into the running state with a fixed number of tensor operations.
+"""Folding a whole run's batches into the state, with next to no work per batch.
 
-The recomputed layers' channels are laid end to end, so one batch's moments of every layer
-form a single `Moments` whose ``count`` is per channel; `merge_layer` (Chan's
-combination, elementwise) then folds a whole batch at once, whatever the number of layers.
+`recompute_bn_buffers` hands the intercepted BN calls a `BlockFold` as their sink. The
+recomputed layers' channels are laid end to end, and the BN kernels write each batch's
+``[mean; unbiased var]`` straight into row ``k`` of a ``[K, 2, C]`` block: no allocation,
+copy or merge per batch. Every ``K`` batches the block is pooled in float64 in one
+vectorised step (the K-part form of Chan et al.'s combination: counts add, the mean is
+count-weighted, and the sum of squared deviations adds each part's own and its
+``n_k (mean_k - mean)^2``), then merged into the running flat moments. Calls that cannot
+use the block (a layer's second call in one batch, another dtype or device) are kept as
+records and merged per layer, exactly as `precisebn.update` does.
 """
 
 from __future__ import annotations
@@ -15,79 +21,98 @@ from torch import Tensor
 
 from precisebn._capture import Record, collect
 from precisebn._layers import STAT_NAMES, buffer_key
-from precisebn._moments import Moments, Stats, merge_layer
+from precisebn._moments import Moments, Stats, merge, merge_layer
 
-_COUNT_CACHE_SIZE = 64
+BLOCK = 16
+"""Batches held before pooling: the block costs ``BLOCK · 2 · C`` statistics values."""
 
 
-class FlatLayout:
-    """Where each recomputed layer's channels sit in the flat per-channel vectors."""
+class BlockFold:
+    """A sink for one run: batch moments land in a block, pooled every `BLOCK` batches."""
 
     def __init__(self, layers: list[str], bn_buffers: Mapping[str, Tensor]) -> None:
         means = [bn_buffers[buffer_key(name, STAT_NAMES[0])] for name in layers]
         self.layers = layers
+        self.index = {name: i for i, name in enumerate(layers)}
         self.sizes = [m.numel() for m in means]
-        self.offsets = list(itertools.accumulate(self.sizes, initial=0))
+        offsets = list(itertools.accumulate(self.sizes, initial=0))
+        self.spans = list(itertools.pairwise(offsets))
         self.device = means[0].device if means else torch.device("cpu")
-        self._empty = [torch.zeros(2, n, device=self.device) for n in self.sizes]
-        self._counts: dict[tuple[int, ...], Tensor] = {}
+        wide = any(m.dtype == torch.float64 for m in means)
+        self.dtype = torch.float64 if wide else torch.float32
+        self.block = torch.zeros(BLOCK, 2, offsets[-1], dtype=self.dtype, device=self.device)
+        self.slots = [[self.block[k, :, a:b] for a, b in self.spans] for k in range(BLOCK)]
+        self.acc = _empty(offsets[-1], self.device)
+        self.residual: Stats = {}
+        self.k = 0
+        self.counts = [0] * len(layers)
+        self.batch_counts: list[tuple[int, ...]] = []
+        self.extra: list[Record] = []
+        self._count_vectors: dict[tuple[int, ...], Tensor] = {}
 
-    def init(self) -> Moments:
-        """Flat moments of no values."""
-        zeros = torch.zeros(self.offsets[-1], dtype=torch.float64, device=self.device)
-        return Moments(zeros, zeros.clone(), zeros.clone())
+    def scratch(
+        self, layer: str, channels: int, dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        i = self.index[layer]
+        if self.counts[i] or dtype != self.dtype or device != self.device:
+            return torch.zeros(2, channels, dtype=dtype, device=device)
+        return self.slots[self.k][i]
 
-    def batch(self, records: list[Record]) -> Moments:
-        """One batch's flat moments: each layer's single call, pooled calls, or nothing."""
-        by_layer: dict[str, list[Record]] = {}
-        for r in records:
-            by_layer.setdefault(r.layer, []).append(r)
-        rows, counts = [], []
-        for layer, empty in zip(self.layers, self._empty, strict=True):
-            calls = by_layer.get(layer, [])
-            if len(calls) == 1:
-                rows.append(calls[0].stats)
-                counts.append(calls[0].count)
-            elif calls:
-                rows.append(_pooled_rows(calls))
-                counts.append(sum(r.count for r in calls))
-            else:
-                rows.append(empty)
-                counts.append(0)
-        count = self._count_vector(tuple(counts))
-        mean_var = torch.cat(rows, dim=1).to(torch.float64)
-        return Moments(count, mean_var[0], mean_var[1] * (count - 1).clamp_min(0.0))
+    def record(self, layer: str, count: int, stats: Tensor) -> None:
+        i = self.index[layer]
+        if stats is self.slots[self.k][i]:
+            self.counts[i] = count
+        else:
+            self.extra.append(Record(layer, count, stats))
 
-    def split(self, flat: Moments) -> Stats:
-        """Per-layer moments of a flat state."""
-        return {
-            layer: Moments(flat.count[start].clone(), flat.mean[start:end], flat.m2[start:end])
-            for layer, start, end in zip(
-                self.layers, self.offsets[:-1], self.offsets[1:], strict=True
-            )
+    def end_batch(self) -> None:
+        """Close the current batch; pool the block when it is full."""
+        self.batch_counts.append(tuple(self.counts))
+        self.counts = [0] * len(self.layers)
+        if self.extra:
+            self.residual = merge(self.residual, collect(self.extra))
+            self.extra = []
+        self.k += 1
+        if self.k == BLOCK:
+            self._pool()
+
+    def result(self) -> Stats:
+        """Per-layer moments of every batch closed so far."""
+        self._pool()
+        flat = self.acc
+        stats = {
+            layer: Moments(flat.count[a].clone(), flat.mean[a:b], flat.m2[a:b])
+            for layer, (a, b) in zip(self.layers, self.spans, strict=True)
         }
+        return merge(stats, self.residual)
+
+    def _pool(self) -> None:
+        if self.k == 0:
+            return
+        rows = self.block[: self.k].to(torch.float64)
+        n = torch.stack([self._count_vector(c) for c in self.batch_counts])
+        total = n.sum(0)
+        mean = (n * rows[:, 0]).sum(0) / total.clamp_min(1.0)
+        m2 = (rows[:, 1] * (n - 1).clamp_min(0.0)).sum(0)
+        m2 = m2 + (n * (rows[:, 0] - mean).square()).sum(0)
+        self.acc = merge_layer(self.acc, Moments(total, mean, m2))
+        self.block[: self.k].zero_()
+        self.k, self.batch_counts = 0, []
 
     def _count_vector(self, counts: tuple[int, ...]) -> Tensor:
-        vector = self._counts.get(counts)
+        vector = self._count_vectors.get(counts)
         if vector is None:
-            if len(self._counts) >= _COUNT_CACHE_SIZE:  # many ragged shapes: stay bounded
-                self._counts.clear()
-            vector = torch.cat(
-                [
-                    torch.full((n,), c, dtype=torch.float64, device=self.device)
-                    for n, c in zip(self.sizes, counts, strict=True)
-                ]
-            )
-            self._counts[counts] = vector
+            if len(self._count_vectors) >= 4 * BLOCK:  # many ragged shapes: stay bounded
+                self._count_vectors.clear()
+            parts = [
+                torch.full((n,), c, dtype=torch.float64, device=self.device)
+                for n, c in zip(self.sizes, counts, strict=True)
+            ]
+            vector = torch.cat(parts)
+            self._count_vectors[counts] = vector
         return vector
 
 
-def _pooled_rows(calls: list[Record]) -> Tensor:
-    """``[mean; unbiased var]`` rows of a layer's calls in one batch, pooled exactly."""
-    pooled = collect(calls)[calls[0].layer]
-    return torch.stack([pooled.mean, pooled.m2 / (pooled.count - 1)])
-
-
-def fold_records(layout: FlatLayout, flat: Moments, records: list[Record]) -> Moments:
-    """``flat`` with one batch's records folded in (a new state)."""
-    return merge_layer(flat, layout.batch(records))
+def _empty(channels: int, device: torch.device) -> Moments:
+    zeros = torch.zeros(channels, dtype=torch.float64, device=device)
+    return Moments(zeros, zeros.clone(), zeros.clone())

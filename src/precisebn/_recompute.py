@@ -12,11 +12,11 @@ from torch import Tensor, nn
 
 from precisebn._batches import Forward, integer_leaves, leading_size, to_device
 from precisebn._buffers import BNBuffers
-from precisebn._capture import Record, Runner, Step, collect
+from precisebn._capture import RecordList, Runner, Step, collect
 from precisebn._distributed import abandon, reduce_run, reduction_group
-from precisebn._fold import FlatLayout, fold_records
+from precisebn._fold import BlockFold
 from precisebn._layers import LayerSelector
-from precisebn._moments import Moments, Stats, finalize, init, merge
+from precisebn._moments import Stats, finalize, init, merge
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -49,15 +49,16 @@ def update(
     """
     runner = Runner(model, layers=list(stats), params=params, buffers=buffers, forward=forward)
     with torch.no_grad():
-        records = runner.within(lambda step: _checked_step(runner, step, batch, index=0))
-    return merge(stats, collect(records))
+        sink = RecordList()
+        runner.within(lambda step: _checked_step(runner, step, batch, index=0), sink=sink)
+    return merge(stats, collect(sink.records))
 
 
-def _checked_step(runner: Runner, step: Step, batch: Any, *, index: int) -> list[Record]:
+def _checked_step(runner: Runner, step: Step, batch: Any, *, index: int) -> Any:
     """Move ``batch`` to the model's device and run it; explain integer-input failures."""
     batch = to_device(batch, runner.device)
     try:
-        return step(batch)[1]
+        return step(batch)
     except (RuntimeError, TypeError) as error:
         ints = integer_leaves(batch)
         if ints and runner.floating_params:
@@ -184,18 +185,19 @@ def _accumulate(
     chosen: Iterator[Any] = itertools.islice(batches, num_batches)
     if progress:
         chosen = _progress_bar(chosen, total=_expected_batches(loader, num_batches))
-    layout = FlatLayout(list(runner.layers), runner.bn_buffers)
+    fold = BlockFold(list(runner.layers), runner.bn_buffers)
 
-    def loop(step: Step) -> tuple[Moments, int, int]:
-        flat, used, samples = layout.init(), 0, 0
+    def loop(step: Step) -> tuple[int, int]:
+        used = samples = 0
         for index, batch in enumerate(chosen):
-            flat = fold_records(layout, flat, _checked_step(runner, step, batch, index=index))
+            _checked_step(runner, step, batch, index=index)
+            fold.end_batch()
             used, samples = index + 1, samples + leading_size(batch)
-        return flat, used, samples
+        return used, samples
 
     with torch.no_grad():
-        flat, used, samples = runner.within(loop)
-    return layout.split(flat), used, samples
+        used, samples = runner.within(loop, sink=fold)
+    return fold.result(), used, samples
 
 
 def _expected_batches(loader: Iterable[Any], num_batches: int) -> int | None:
