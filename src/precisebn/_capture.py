@@ -166,6 +166,7 @@ class Runner:
         # Bound for the whole run: the caller's overrides, the tags, and private copies of
         # every buffer a forward might write to.
         self._swap = {**(params or {}), **(buffers or {})}
+        self._overrides = bool(self._swap)
         self._swap.update(_writable_buffers(model, state, self.layers))
         self._swap.update(self._tags(state))
         self._target, self._prefix = _unwrap_ddp(model)
@@ -206,7 +207,13 @@ class Runner:
         try:
             with _local_sync_bn(self._sync_bn):
                 result: T = torch.func.functional_call(
-                    holder, {f"model.{k}": v for k, v in swap.items()}, (), strict=False
+                    holder,
+                    {f"model.{k}": v for k, v in swap.items()},
+                    (),
+                    strict=False,
+                    # Only the caller's tensors can stand for tied ones; working out the
+                    # ties costs a walk over every tensor of the model.
+                    tie_weights=self._overrides,
                 )
         finally:
             self.sink = RecordList()

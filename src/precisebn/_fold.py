@@ -28,9 +28,14 @@ BLOCK = 16
 
 
 class BlockFold:
-    """A sink for one run: batch moments land in a block, pooled every `BLOCK` batches."""
+    """A sink for one run of at most ``max_batches`` batches.
 
-    def __init__(self, layers: list[str], bn_buffers: Mapping[str, Tensor]) -> None:
+    Batch moments land in a block of ``min(BLOCK, max_batches)`` rows, pooled when full.
+    """
+
+    def __init__(
+        self, layers: list[str], bn_buffers: Mapping[str, Tensor], *, max_batches: int
+    ) -> None:
         means = [bn_buffers[buffer_key(name, STAT_NAMES[0])] for name in layers]
         self.layers = layers
         self.index = {name: i for i, name in enumerate(layers)}
@@ -40,8 +45,9 @@ class BlockFold:
         self.device = means[0].device if means else torch.device("cpu")
         wide = any(m.dtype == torch.float64 for m in means)
         self.dtype = torch.float64 if wide else torch.float32
-        self.block = torch.zeros(BLOCK, 2, offsets[-1], dtype=self.dtype, device=self.device)
-        self.slots = [[self.block[k, :, a:b] for a, b in self.spans] for k in range(BLOCK)]
+        rows = min(BLOCK, max_batches)  # a short run needs no more rows than batches
+        self.block = torch.zeros(rows, 2, offsets[-1], dtype=self.dtype, device=self.device)
+        self.slots = [[self.block[k, :, a:b] for a, b in self.spans] for k in range(rows)]
         self.acc = _empty(offsets[-1], self.device)
         self.residual: Stats = {}
         self.k = 0
@@ -73,7 +79,7 @@ class BlockFold:
             self.residual = merge(self.residual, collect(self.extra))
             self.extra = []
         self.k += 1
-        if self.k == BLOCK:
+        if self.k == len(self.slots):
             self._pool()
 
     def result(self) -> Stats:

@@ -182,10 +182,11 @@ def _accumulate(
         raise TypeError(
             f"loader must be an iterable of batches, got {type(loader).__name__}"
         ) from None
+    expected = _expected_batches(loader, num_batches)
     chosen: Iterator[Any] = itertools.islice(batches, num_batches)
     if progress:
-        chosen = _progress_bar(chosen, total=_expected_batches(loader, num_batches))
-    fold = BlockFold(list(runner.layers), runner.bn_buffers)
+        chosen = _progress_bar(chosen, total=expected)
+    fold = BlockFold(list(runner.layers), runner.bn_buffers, max_batches=max(expected, 1))
 
     def loop(step: Step) -> tuple[int, int]:
         used = samples = 0
@@ -200,14 +201,14 @@ def _accumulate(
     return fold.result(), used, samples
 
 
-def _expected_batches(loader: Iterable[Any], num_batches: int) -> int | None:
+def _expected_batches(loader: Iterable[Any], num_batches: int) -> int:
     try:
         return min(len(loader), num_batches)  # type: ignore[arg-type]
     except TypeError:
         return num_batches
 
 
-def _progress_bar(batches: Iterable[Any], *, total: int | None) -> Iterator[Any]:
+def _progress_bar(batches: Iterable[Any], *, total: int) -> Iterator[Any]:
     try:
         from tqdm.auto import tqdm
     except ImportError:
