@@ -1,4 +1,4 @@
-"""Memory: peak resident-set growth of one call, each measured in a fresh process.
+"""Memory: peak resident-set growth of one call, and its peak of live tensor bytes.
 
 What it measures: a child process builds the model, then resets the kernel's peak-RSS
 mark (``/proc/self/clear_refs``, Linux) and reads its current RSS; it runs one method over
@@ -8,7 +8,10 @@ held at once, whatever allocated it (torch's CPU allocator, Python objects). It 
 twice on fresh copies of the model: "first" includes one-time set-up in the process
 (kernel and dispatcher state, allocator pools), "repeat" is the steady state. Modules are
 imported before the mark is reset, so lazy imports are not counted. Without
-``clear_refs`` it falls back to ``ru_maxrss``, which includes import-time peaks.
+``clear_refs`` it falls back to ``ru_maxrss``, which includes import-time peaks. RSS moves
+with the allocator's pools, so a third call on a fresh copy runs under ``torch.profiler``
+with ``profile_memory=True``: replaying its allocation records in time order gives the
+most bytes of tensors that the call held alive at once ("tensors"), exact and repeatable.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 
 from bench.methods import METHODS, fvcore_update_bn_stats
 from bench.models import Workload, bn_mlp, iter_batches, make_model
@@ -72,14 +76,28 @@ def _peak_growth(method: str, model: torch.nn.Module, n: int) -> tuple[float, st
     return (peak - before) / 1024, "VmHWM" if exact else "ru_maxrss"
 
 
+def _tensor_peak(method: str, model: torch.nn.Module, n: int) -> float:
+    """Most MiB of tensors allocated during one call and alive at the same time."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        METHODS[method](model, LazyBatches(n))  # type: ignore[arg-type]
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        live += record.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def measure_here(method: str, n: int) -> dict[str, float | str]:
-    """Peak RSS growth (MiB) of a first and a repeated call of ``method`` over ``n`` batches."""
+    """Peak RSS growth (MiB) of a first and a repeated call of ``method`` over ``n`` batches,
+    and the peak of live tensor bytes of a third call."""
     torch.set_num_threads(1)
     fvcore_update_bn_stats()  # imports are not what is measured
     model = make_model(WORKLOAD)
     first, how = _peak_growth(method, copy.deepcopy(model), n)
     repeat, _ = _peak_growth(method, copy.deepcopy(model), n)
-    return {"first_mib": first, "repeat_mib": repeat, "how": how}
+    tensors = _tensor_peak(method, copy.deepcopy(model), n)
+    return {"first_mib": first, "repeat_mib": repeat, "tensor_mib": tensors, "how": how}
 
 
 def measure(method: str, n: int) -> dict[str, float | str]:
@@ -111,6 +129,6 @@ def table(sizes: list[int]) -> dict[str, dict[str, dict[str, float]]]:
         for method in METHODS:
             got = measure(method, n)
             out.setdefault(method, {})[str(n)] = {
-                key: float(got[key]) for key in ("first_mib", "repeat_mib")
+                key: float(got[key]) for key in ("first_mib", "repeat_mib", "tensor_mib")
             }
     return out

@@ -23,8 +23,10 @@ from precisebn._capture import Record, collect
 from precisebn._layers import STAT_NAMES, buffer_key
 from precisebn._moments import Moments, Stats, merge, merge_layer
 
-BLOCK = 16
-"""Batches held before pooling: the block costs ``BLOCK · 2 · C`` statistics values."""
+BLOCK = 8
+"""Batches held before pooling. The block holds ``BLOCK * 2 * C`` values in the statistics
+dtype, and pooling it briefly needs a few float64 arrays of ``BLOCK * C``; neither grows
+with the number of batches."""
 
 
 class BlockFold:
