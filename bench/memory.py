@@ -88,28 +88,28 @@ def _tensor_peak(method: str, model: torch.nn.Module, n: int) -> float:
     return peak / 2**20
 
 
-def measure_here(method: str, n: int) -> dict[str, float | str]:
+def measure_here(method: str, n: int, tensors: bool = True) -> dict[str, float | str | None]:
     """Peak RSS growth (MiB) of a first and a repeated call of ``method`` over ``n`` batches,
-    and the peak of live tensor bytes of a third call."""
+    and (``tensors``) the peak of live tensor bytes of a third call (None when skipped)."""
     torch.set_num_threads(1)
     fvcore_update_bn_stats()  # imports are not what is measured
     model = make_model(WORKLOAD)
     first, how = _peak_growth(method, copy.deepcopy(model), n)
     repeat, _ = _peak_growth(method, copy.deepcopy(model), n)
-    tensors = _tensor_peak(method, copy.deepcopy(model), n)
-    return {"first_mib": first, "repeat_mib": repeat, "tensor_mib": tensors, "how": how}
+    peak = _tensor_peak(method, copy.deepcopy(model), n) if tensors else None
+    return {"first_mib": first, "repeat_mib": repeat, "tensor_mib": peak, "how": how}
 
 
-def measure(method: str, n: int) -> dict[str, float | str]:
+def measure(method: str, n: int, *, tensors: bool = True) -> dict[str, float | str | None]:
     """:func:`measure_here` in a fresh Python process."""
     code = (
         "import json, sys; from bench.memory import measure_here; "
-        "print(json.dumps(measure_here(sys.argv[1], int(sys.argv[2]))))"
+        "print(json.dumps(measure_here(sys.argv[1], int(sys.argv[2]), sys.argv[3] == '1')))"
     )
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
     done = subprocess.run(
-        [sys.executable, "-c", code, method, str(n)],
+        [sys.executable, "-c", code, method, str(n), "1" if tensors else "0"],
         capture_output=True, text=True, check=True, env=env, cwd=ROOT,
     )  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -122,13 +122,16 @@ def stats_mib() -> float:
     return channels * 2 * 8 / 2**20
 
 
-def table(sizes: list[int]) -> dict[str, dict[str, dict[str, float]]]:
+def table(
+    sizes: list[int], *, tensors_up_to: int
+) -> dict[str, dict[str, dict[str, float | None]]]:
     """``{method: {n: {"first_mib", "repeat_mib"}}}``: peak RSS growth per call."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
     for n in sizes:
         for method in METHODS:
-            got = measure(method, n)
+            got = measure(method, n, tensors=n <= tensors_up_to)
             out.setdefault(method, {})[str(n)] = {
-                key: float(got[key]) for key in ("first_mib", "repeat_mib", "tensor_mib")
+                key: None if got[key] is None else float(got[key])  # type: ignore[arg-type]
+                for key in ("first_mib", "repeat_mib", "tensor_mib")
             }
     return out

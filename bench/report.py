@@ -84,8 +84,10 @@ def memory_table(memory: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
-def _memory_cell(cell: dict[str, float]) -> str:
-    return f"{cell['first_mib']:.1f} / {cell['repeat_mib']:.1f}; {cell['tensor_mib']:.3f}"
+def _memory_cell(cell: dict[str, float | None]) -> str:
+    tensors = cell.get("tensor_mib")
+    shown = "not run" if tensors is None else f"{tensors:.3f}"
+    return f"{cell['first_mib']:.1f} / {cell['repeat_mib']:.1f}; {shown}"
 
 
 def scaling_tables(scaling: dict[str, Any]) -> str:

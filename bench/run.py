@@ -49,6 +49,7 @@ class Config:
     exact_batches: int
     small_batches: int
     memory_sizes: list[int]
+    tensor_sizes_max: int  # profile live tensor bytes only up to this many batches (slow)
     scaling_counts: list[int]
     scaling_widths: list[int]
     scaling_repeats: int
@@ -60,6 +61,7 @@ QUICK = Config(
     exact_batches=6,
     small_batches=64,
     memory_sizes=[10, 100, 1000],
+    tensor_sizes_max=100,
     scaling_counts=[8, 16, 32],
     scaling_widths=[64, 256, 1024],
     scaling_repeats=3,
@@ -70,6 +72,7 @@ FULL = Config(
     exact_batches=15,
     small_batches=256,
     memory_sizes=[10, 100, 1000],
+    tensor_sizes_max=1000,
     scaling_counts=[10, 20, 40, 80, 160],
     scaling_widths=[32, 64, 128, 256, 512, 1024],
     scaling_repeats=7,
@@ -126,7 +129,7 @@ def run_exactness(config: Config) -> list[dict[str, Any]]:
 
 
 def run_memory(config: Config) -> dict[str, Any]:
-    methods = memory.table(config.memory_sizes)
+    methods = memory.table(config.memory_sizes, tensors_up_to=config.tensor_sizes_max)
     print("  memory done", flush=True)
     return {
         "what": (memory.__doc__ or "").strip().replace("\n", " ")
