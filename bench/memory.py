@@ -122,9 +122,7 @@ def stats_mib() -> float:
     return channels * 2 * 8 / 2**20
 
 
-def table(
-    sizes: list[int], *, tensors_up_to: int
-) -> dict[str, dict[str, dict[str, float | None]]]:
+def table(sizes: list[int], *, tensors_up_to: int) -> dict[str, dict[str, dict[str, float | None]]]:
     """``{method: {n: {"first_mib", "repeat_mib"}}}``: peak RSS growth per call."""
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     for n in sizes:
