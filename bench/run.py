@@ -56,8 +56,8 @@ class Config:
 
 
 QUICK = Config(
-    speed=[(CNN, 32, 4), (CNN, 128, 2), (MLP, 128, 20), (CONV3D, 8, 4)],
-    repeats=5,
+    speed=[(CNN, 32, 8), (CNN, 128, 4), (MLP, 128, 40), (CONV3D, 8, 16)],
+    repeats=9,
     exact_batches=6,
     small_batches=64,
     memory_sizes=[10, 100, 1000],

@@ -114,7 +114,10 @@ def _record_batch_norm(
         bias = bias.float() if bias is not None else None
     sink = tag.owner.sink
     stats = sink.scratch(tag.layer, channels, stat_dtype, x.device)
-    out = F.batch_norm(x, stats[0], stats[1], weight, bias, True, 1.0, eps)
+    # The op under F.batch_norm, whose own checks (the count above) were done here.
+    out = torch.batch_norm(
+        x, weight, bias, stats[0], stats[1], True, 1.0, eps, torch.backends.cudnn.enabled
+    )
     sink.record(tag.layer, count, stats)
     return out
 
