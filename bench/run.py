@@ -57,7 +57,7 @@ class Config:
 
 QUICK = Config(
     speed=[(CNN, 32, 8), (CNN, 128, 4), (MLP, 128, 40), (CONV3D, 8, 16)],
-    repeats=9,
+    repeats=7,
     exact_batches=6,
     small_batches=64,
     memory_sizes=[10, 100, 1000],
