@@ -31,41 +31,40 @@ _BN_DEFAULTS: tuple[Any, ...] = (None, None, False, 0.1, 1e-5)
 
 
 class Record:
-    """One intercepted call: the layer, its values per channel, and ``[mean; var]`` rows."""
+    """One intercepted call: the layer, its values per channel, its batch mean and variance."""
 
-    __slots__ = ("count", "layer", "stats")
+    __slots__ = ("count", "layer", "mean", "var")
 
-    def __init__(self, layer: str, count: int, stats: Tensor) -> None:
-        self.layer, self.count, self.stats = layer, count, stats
+    def __init__(self, layer: str, count: int, mean: Tensor, var: Tensor) -> None:
+        self.layer, self.count, self.mean, self.var = layer, count, mean, var
+
+
+Rows = tuple[Tensor, Tensor]
+"""Zeroed ``(mean, var)`` vectors for the BN kernel to write one call's statistics into."""
 
 
 class Sink(Protocol):
     """Where intercepted calls put their batch moments."""
 
-    def scratch(
-        self, layer: str, channels: int, dtype: torch.dtype, device: torch.device
-    ) -> Tensor:
-        """A zeroed ``[2, channels]`` tensor for the kernel to write ``[mean; var]`` into."""
-        ...
-
-    def record(self, layer: str, count: int, stats: Tensor) -> None:
-        """Take the moments of ``count`` values per channel written into ``stats``."""
+    def rows(
+        self, layer: str, count: int, channels: int, dtype: torch.dtype, device: torch.device
+    ) -> Rows:
+        """Rows for one call of ``layer`` over ``count`` values per channel, kept as its record."""
         ...
 
 
 class RecordList:
-    """The plain sink: fresh scratch per call, every call kept as a `Record`."""
+    """The plain sink: fresh rows per call, every call kept as a `Record`."""
 
     def __init__(self) -> None:
         self.records: list[Record] = []
 
-    def scratch(
-        self, layer: str, channels: int, dtype: torch.dtype, device: torch.device
-    ) -> Tensor:
-        return torch.zeros(2, channels, dtype=dtype, device=device)
-
-    def record(self, layer: str, count: int, stats: Tensor) -> None:
-        self.records.append(Record(layer, count, stats))
+    def rows(
+        self, layer: str, count: int, channels: int, dtype: torch.dtype, device: torch.device
+    ) -> Rows:
+        mean, var = torch.zeros(2, channels, dtype=dtype, device=device).unbind(0)
+        self.records.append(Record(layer, count, mean, var))
+        return mean, var
 
 
 class _Tag(Tensor):
@@ -112,14 +111,10 @@ def _record_batch_norm(
         # Mixed-precision kernel: half/bfloat16 input, float32 affine and statistics.
         weight = weight.float() if weight is not None else None
         bias = bias.float() if bias is not None else None
-    sink = tag.owner.sink
-    stats = sink.scratch(tag.layer, channels, stat_dtype, x.device)
-    # The op under F.batch_norm, whose own checks (the count above) were done here.
-    out = torch.batch_norm(
-        x, weight, bias, stats[0], stats[1], True, 1.0, eps, torch.backends.cudnn.enabled
-    )
-    sink.record(tag.layer, count, stats)
-    return out
+    mean, var = tag.owner.sink.rows(tag.layer, count, channels, stat_dtype, x.device)
+    # The op under F.batch_norm, whose own checks (the count above) were done here. The
+    # kernel leaves the batch mean and unbiased variance in the rows (momentum 1).
+    return torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, tag.owner.cudnn)
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -166,6 +161,7 @@ class Runner:
         self.device = next(iter(state.values())).device if state else torch.device("cpu")
         self.floating_params = any(t.is_floating_point() for t in state.values())
         self.sink: Sink = RecordList()
+        self.cudnn = torch.backends.cudnn.enabled
         # Bound for the whole run: the caller's overrides, the tags, and private copies of
         # every buffer a forward might write to.
         self._swap = {**(params or {}), **(buffers or {})}
@@ -206,7 +202,7 @@ class Runner:
             return loop(lambda batch: self.forward(model, batch))
 
         holder = _Holder(self._target, body)
-        self.sink = sink
+        self.sink, self.cudnn = sink, torch.backends.cudnn.enabled
         try:
             with _local_sync_bn(self._sync_bn):
                 result: T = torch.func.functional_call(
@@ -245,7 +241,7 @@ def collect(records: list[Record]) -> Stats:
     """Per-layer moments of one batch's records (a reused layer's calls pooled)."""
     stats: Stats = {}
     for r in records:
-        moments = from_batch(r.count, r.stats[0], r.stats[1])
+        moments = from_batch(r.count, r.mean, r.var)
         stats[r.layer] = merge_layer(stats[r.layer], moments) if r.layer in stats else moments
     return stats
 

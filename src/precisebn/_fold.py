@@ -49,7 +49,11 @@ class BlockFold:
         self.dtype = torch.float64 if wide else torch.float32
         rows = min(BLOCK, max_batches)  # a short run needs no more rows than batches
         self.block = torch.zeros(rows, 2, offsets[-1], dtype=self.dtype, device=self.device)
-        self.slots = [[self.block[k, :, a:b] for a, b in self.spans] for k in range(rows)]
+        # Per batch row, per layer: the (mean, var) views the kernel writes into.
+        self.slots: list[list[tuple[Tensor, Tensor]]] = []
+        for row in self.block.unbind(0):
+            mean_rows, var_rows = (torch.split(part, self.sizes) for part in row.unbind(0))
+            self.slots.append(list(zip(mean_rows, var_rows, strict=True)))
         self.acc = _empty(offsets[-1], self.device)
         self.residual: Stats = {}
         self.k = 0
@@ -58,20 +62,16 @@ class BlockFold:
         self.extra: list[Record] = []
         self._count_vectors: dict[tuple[int, ...], Tensor] = {}
 
-    def scratch(
-        self, layer: str, channels: int, dtype: torch.dtype, device: torch.device
-    ) -> Tensor:
+    def rows(
+        self, layer: str, count: int, channels: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
         i = self.index[layer]
         if self.counts[i] or dtype != self.dtype or device != self.device:
-            return torch.zeros(2, channels, dtype=dtype, device=device)
+            mean, var = torch.zeros(2, channels, dtype=dtype, device=device).unbind(0)
+            self.extra.append(Record(layer, count, mean, var))
+            return mean, var
+        self.counts[i] = count
         return self.slots[self.k][i]
-
-    def record(self, layer: str, count: int, stats: Tensor) -> None:
-        i = self.index[layer]
-        if stats is self.slots[self.k][i]:
-            self.counts[i] = count
-        else:
-            self.extra.append(Record(layer, count, stats))
 
     def end_batch(self) -> None:
         """Close the current batch; pool the block when it is full."""
