@@ -36,3 +36,21 @@ def test_no_sync_per_batch() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert stats["bn1"].count.item() == 4 * 8 * 16 * 16
+
+
+def test_recompute_loop_never_syncs() -> None:
+    """From the second batch to the last, the run makes no host-device synchronisation."""
+    model = SmallCNN().cuda()
+    batches = [torch.randn(8, 3, 16, 16, device="cuda") for _ in range(12)]
+    precisebn.recompute_bn_buffers(model, batches)  # warm-up: first-call set-up may sync
+
+    def guarded():
+        yield batches[0]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield from batches[1:]
+        finally:  # lifted once the loader is exhausted, before the result is read back
+            torch.cuda.set_sync_debug_mode("default")
+
+    new = precisebn.recompute_bn_buffers(model, guarded(), num_batches=len(batches) + 1)
+    assert new.num_batches == len(batches)
