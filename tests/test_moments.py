@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optree
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -118,3 +119,14 @@ def test_capture_path_equals_pooled_float64(channels, sizes, spatial, offset, se
     scale = pooled.mean(1).abs() + pooled.std(1)
     assert ((new["running_mean"] - pooled.mean(1)).abs() <= 1e-12 * scale).all()
     assert torch.allclose(new["running_var"], pooled.var(1), rtol=1e-10, atol=0)
+
+
+def test_state_is_an_optree_pytree() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4))
+    stats = precisebn.update(precisebn.init(precisebn.bn_buffers(model)), model, torch.randn(6, 3))
+    leaves, spec = optree.tree_flatten(stats)
+    assert len(leaves) == 2 * 3
+    assert all(isinstance(leaf, Tensor) for leaf in leaves)
+    doubled = optree.tree_unflatten(spec, [leaf * 2 for leaf in leaves])
+    assert isinstance(doubled["1"], Moments)
+    assert torch.equal(doubled["2"].m2, stats["2"].m2 * 2)
