@@ -7,7 +7,7 @@ from typing import Any, TypeAlias
 
 import optree
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 Forward: TypeAlias = Callable[[Callable[..., Any], Any], Any]
 """``forward(stateless_model, batch) -> output``: how one batch is fed to the model."""
@@ -28,13 +28,6 @@ def default_forward(model: Callable[..., Any], batch: Any) -> Any:
         "handling takes a tensor, or the first element of a tuple or list; pass "
         "forward=lambda model, batch: model(...) for other layouts"
     )
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

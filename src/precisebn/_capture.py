@@ -12,6 +12,7 @@ activations, and nothing the caller owns is written to.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar
 
@@ -26,8 +27,7 @@ from precisebn._layers import STAT_NAMES, LayerSelector, buffer_key, find_bn_lay
 from precisebn._moments import Moments, Stats, from_batch, merge_layer
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-_BN_DEFAULTS: tuple[Any, ...] = (None, None, False, 0.1, 1e-5)
+_BATCH_NORM = inspect.signature(F.batch_norm)
 
 
 class Record:
@@ -88,9 +88,13 @@ class _Tag(Tensor):
                 return _record_batch_norm(
                     args[1], args[0], get("weight"), get("bias"), get("eps", 1e-5)
                 )
-            bound = _bind(args, kwargs)
-            if isinstance(bound[1], _Tag):
-                return _record_batch_norm(bound[1], bound[0], bound[3], bound[4], bound[7])
+            bound = _BATCH_NORM.bind(*args, **kwargs)
+            bound.apply_defaults()
+            call = bound.arguments
+            if isinstance(call["running_mean"], _Tag):
+                return _record_batch_norm(
+                    call["running_mean"], call["input"], call["weight"], call["bias"], call["eps"]
+                )
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -115,18 +119,6 @@ def _record_batch_norm(
     # The op under F.batch_norm, whose own checks (the count above) were done here. The
     # kernel leaves the batch mean and unbiased variance in the rows (momentum 1).
     return torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, tag.owner.cudnn)
-
-
-def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    if not kwargs and len(args) == len(_BN_ARGS):
-        return args
-    full = list(args) + [None] * (len(_BN_ARGS) - len(args))
-    for i, name in enumerate(_BN_ARGS):
-        if name in kwargs:
-            full[i] = kwargs[name]
-        elif i >= len(args) and i >= 3:
-            full[i] = _BN_DEFAULTS[i - 3]
-    return tuple(full)
 
 
 T = TypeVar("T")
