@@ -130,3 +130,7 @@ def test_state_is_an_optree_pytree() -> None:
     doubled = optree.tree_unflatten(spec, [leaf * 2 for leaf in leaves])
     assert isinstance(doubled["1"], Moments)
     assert torch.equal(doubled["2"].m2, stats["2"].m2 * 2)
+
+
+def test_finalize_of_an_empty_state_is_empty() -> None:
+    assert precisebn.finalize({}) == {}

@@ -127,8 +127,8 @@ def finalize(stats: Stats, *, like: Mapping[str, Tensor] | None = None) -> dict[
         >>> new["bn.running_mean"].item(), new["bn.running_var"].item()
         (1.0, 2.0)
     """
-    counts = torch.stack([m.count.detach().to("cpu", torch.float64) for m in stats.values()])
-    reached = (counts >= 2).tolist() if stats else []
+    counts = [m.count.detach().to("cpu", torch.float64) for m in stats.values()]
+    reached = (torch.stack(counts) >= 2).tolist() if counts else []
     out: dict[str, Tensor] = {}
     missing = []
     for (layer, m), ok in zip(stats.items(), reached, strict=True):
