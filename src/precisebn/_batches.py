@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import optree
 import torch
@@ -30,18 +30,44 @@ def default_forward(model: Callable[..., Any], batch: Any) -> Any:
     )
 
 
+_LEAF = optree.treespec_leaf(none_is_leaf=True)
+
+
+class Placed(NamedTuple):
+    """A batch on the model's device, with its flattened pytree."""
+
+    batch: Any
+    leaves: list[Any]
+    spec: optree.PyTreeSpec
+
+
+def place(batch: Any, device: torch.device) -> Placed:
+    """Move every tensor in the batch pytree to ``device`` without blocking the host.
+
+    The batch is flattened once; a batch already on ``device`` is returned as it is.
+    """
+    if isinstance(batch, Tensor):  # the common case, without a walk over the pytree
+        if batch.device != device:
+            batch = batch.to(device, non_blocking=True)
+        return Placed(batch, [batch], _LEAF)
+    leaves, spec = optree.tree_flatten(batch, none_is_leaf=True)
+    if any(isinstance(leaf, Tensor) and leaf.device != device for leaf in leaves):
+        leaves = [
+            leaf.to(device, non_blocking=True) if isinstance(leaf, Tensor) else leaf
+            for leaf in leaves
+        ]
+        batch = optree.tree_unflatten(spec, leaves)
+    return Placed(batch, leaves, spec)
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor in the batch pytree to ``device`` without blocking the host."""
-    return optree.tree_map(
-        lambda leaf: leaf.to(device, non_blocking=True) if isinstance(leaf, Tensor) else leaf,
-        batch,
-        none_is_leaf=True,
-    )
+    return place(batch, device).batch
 
 
-def leading_size(batch: Any) -> int:
-    """The leading dimension of the first tensor in the batch pytree (0 if it has none)."""
-    for leaf in optree.tree_leaves(batch, none_is_leaf=True):
+def leading_size(leaves: list[Any]) -> int:
+    """The leading dimension of the first tensor among a batch's leaves (0 if none has one)."""
+    for leaf in leaves:
         if isinstance(leaf, Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
     return 0

@@ -23,11 +23,13 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 
 from precisebn._batches import Forward, default_forward
+from precisebn._direct import direct_momenta
 from precisebn._layers import STAT_NAMES, LayerSelector, buffer_key, find_bn_layers
 from precisebn._moments import Moments, Stats, from_batch, merge_layer
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _BATCH_NORM = inspect.signature(F.batch_norm)
+_NO_TORCH_FUNCTION = torch._C._disabled_torch_function_impl
 
 
 class Record:
@@ -154,12 +156,23 @@ class Runner:
         self.floating_params = any(t.is_floating_point() for t in state.values())
         self.sink: Sink = RecordList()
         self.cudnn = torch.backends.cudnn.enabled
+        self.momenta = direct_momenta(self.layers, self.bn_buffers)
+        # Each recomputed layer's num_batches_tracked, bound as a view of one CPU counter.
+        self.calls = torch.zeros(len(self.layers), dtype=torch.long)
+        # The tags of this runner only: their interception is switched off in direct batches.
+        self._tag_type: type[_Tag] = type("_RunTag", (_Tag,), {})
+        self._intercepting = True
+        self.live = self._live_buffers()
         # Bound for the whole run: the caller's overrides, the tags, and private copies of
         # every buffer a forward might write to.
         self._swap = {**(params or {}), **(buffers or {})}
         self._overrides = bool(self._swap)
-        self._swap.update(_writable_buffers(model, state, self.layers))
-        self._swap.update(self._tags(state))
+        writable = _writable_buffers(model, state, self.layers, self.calls)
+        self._swap.update(writable)
+        self.counters = [self.calls] + [
+            t for k, t in writable.items() if k.endswith("num_batches_tracked")
+        ]
+        self._swap.update(self._tags())
         self._target, self._prefix = _unwrap_ddp(model)
         # Only under an initialised process group would SyncBatchNorm sync (or raise).
         syncing = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -167,16 +180,48 @@ class Runner:
             m for m in self.layers.values() if syncing and isinstance(m, nn.SyncBatchNorm)
         ]
 
-    def _tags(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def _live_buffers(self) -> Tensor | None:
+        """One ``[2, C]`` tensor behind every recomputed layer's bound running statistics.
+
+        Written by the kernels in direct batches only; ``None`` where the layers' buffers do
+        not share one dtype and device.
+        """
+        means = [self.bn_buffers[buffer_key(name, STAT_NAMES[0])] for name in self.layers]
+        if len({(m.dtype, m.device) for m in means}) != 1:
+            return None
+        size = sum(m.numel() for m in means)
+        return torch.zeros(2, size, dtype=means[0].dtype, device=means[0].device)
+
+    def _tags(self) -> dict[str, Tensor]:
+        """The tags (as ``running_mean``) and their ``running_var`` partners."""
+        keys = [tuple(buffer_key(name, s) for s in STAT_NAMES) for name in self.layers]
+        if self.live is not None:
+            sizes = [self.bn_buffers[mean_key].numel() for mean_key, _ in keys]
+            means, variances = (torch.split(row, sizes) for row in self.live.unbind(0))
+        else:
+            means = tuple(torch.zeros_like(self.bn_buffers[k]) for k, _ in keys)
+            variances = tuple(torch.zeros_like(self.bn_buffers[k]) for _, k in keys)
         tags: dict[str, Tensor] = {}
-        for name in self.layers:
-            mean_key, var_key = (buffer_key(name, s) for s in STAT_NAMES)
-            tag = state[mean_key].detach().clone().as_subclass(_Tag)
+        for name, (mean_key, var_key), mean, var in zip(
+            self.layers, keys, means, variances, strict=True
+        ):
+            tag = mean.view_as(self.bn_buffers[mean_key]).as_subclass(self._tag_type)
             assert isinstance(tag, _Tag)
             tag.layer, tag.owner = name, self
             tags[mean_key] = tag
-            tags[var_key] = state[var_key].detach().clone()
+            tags[var_key] = var.view_as(self.bn_buffers[var_key])
         return tags
+
+    def intercept(self, on: bool) -> None:
+        """Switch this runner's tags' interception on (the default) or off (direct batches)."""
+        if on == self._intercepting:
+            return
+        self._intercepting = on
+        if on:
+            delattr(self._tag_type, "__torch_function__")
+        else:
+            # How torch marks a subclass whose calls need no dispatch to Python.
+            setattr(self._tag_type, "__torch_function__", _NO_TORCH_FUNCTION)  # noqa: B010
 
     def within(self, loop: Callable[[Step], T], *, sink: Sink) -> T:
         """Call ``loop(step)`` with the stateless state bound; return what it returns.
@@ -195,6 +240,7 @@ class Runner:
 
         holder = _Holder(self._target, body)
         self.sink, self.cudnn = sink, torch.backends.cudnn.enabled
+        self.intercept(True)
         try:
             with _local_sync_bn(self._sync_bn):
                 result: T = torch.func.functional_call(
@@ -208,6 +254,7 @@ class Runner:
                 )
         finally:
             self.sink = RecordList()
+            self.intercept(True)
         return result
 
     def run(self, batch: Any) -> tuple[Any, Stats]:
@@ -247,23 +294,29 @@ def _check_names(
 
 
 def _writable_buffers(
-    model: nn.Module, state: Mapping[str, Tensor], chosen: Mapping[str, nn.Module]
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    chosen: Mapping[str, nn.Module],
+    calls: Tensor,
 ) -> dict[str, Tensor]:
     """Private copies of the buffers that a training-mode forward of a norm layer updates.
 
-    ``num_batches_tracked`` as a fresh CPU counter: momentum=None reads it back with
+    ``num_batches_tracked`` as a CPU counter: momentum=None reads it back with
     ``float()``, which on a device tensor would synchronise, and its value only scales
-    updates of running statistics that are never kept. The running statistics of norm
+    updates of running statistics that are never kept (in direct batches it is zeroed
+    first, so that the factor is 1). A recomputed layer's counter is its entry of
+    ``calls``, which so counts the layer's calls. The running statistics of norm
     layers that are not recomputed: their own training-mode forward updates them, and
     in training mode they only write them, so one copy serves the whole run.
     """
     out = {}
+    index = {name: i for i, name in enumerate(chosen)}
     for name, module in model.named_modules():
         if not isinstance(module, _NormBase) or not module.track_running_stats:
             continue
         key = buffer_key(name, "num_batches_tracked")
         if key in state:
-            out[key] = torch.zeros((), dtype=torch.long)
+            out[key] = calls[index[name]] if name in index else torch.zeros((), dtype=torch.long)
         if name not in chosen:
             for stat in STAT_NAMES:
                 out[buffer_key(name, stat)] = state[buffer_key(name, stat)].detach().clone()

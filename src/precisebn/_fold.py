@@ -3,18 +3,22 @@
 `recompute_bn_buffers` hands the intercepted BN calls a `BlockFold` as their sink. The
 recomputed layers' channels are laid end to end, and the BN kernels write each batch's
 ``[mean; unbiased var]`` straight into row ``k`` of a ``[K, 2, C]`` block: no allocation,
-copy or merge per batch. Every ``K`` batches the block is pooled in float64 in one
-vectorised step (the K-part form of Chan et al.'s combination: counts add, the mean is
-count-weighted, and the sum of squared deviations adds each part's own and its
+copy or merge per batch. Every ``K`` batches the block is pooled in float64 with a few
+vectorised reductions (the K-part form of Chan et al.'s combination: counts add, the mean
+is count-weighted, and the sum of squared deviations adds each part's own and its
 ``n_k (mean_k - mean)^2``), then merged into the running flat moments. Calls that cannot
 use the block (a layer's second call in one batch, another dtype or device) are kept as
 records and merged per layer, exactly as `precisebn.update` does.
+
+A direct batch (see `precisebn._direct`) arrives as the run's live ``[2, C]`` buffers,
+which hold each layer's momentum times its moments: they are copied into the batch's row,
+and the pooling divides that row by the momenta in float64.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -23,10 +27,11 @@ from precisebn._capture import Record, collect
 from precisebn._layers import STAT_NAMES, buffer_key
 from precisebn._moments import Moments, Stats, merge, merge_layer
 
-BLOCK = 8
+BLOCK = 32
 """Batches held before pooling. The block holds ``BLOCK * 2 * C`` values in the statistics
-dtype, and pooling it briefly needs a few float64 arrays of ``BLOCK * C``; neither grows
-with the number of batches."""
+dtype (256 bytes per float32 channel), and pooling it briefly needs a few float64 arrays of
+``BLOCK * C``; neither grows with the number of batches. Pooling costs a dozen operations
+whatever the number of rows, so a larger block makes it rarer."""
 
 
 class BlockFold:
@@ -36,7 +41,12 @@ class BlockFold:
     """
 
     def __init__(
-        self, layers: list[str], bn_buffers: Mapping[str, Tensor], *, max_batches: int
+        self,
+        layers: list[str],
+        bn_buffers: Mapping[str, Tensor],
+        *,
+        max_batches: int,
+        momenta: list[float] | None = None,
     ) -> None:
         means = [bn_buffers[buffer_key(name, STAT_NAMES[0])] for name in layers]
         self.layers = layers
@@ -49,18 +59,19 @@ class BlockFold:
         self.dtype = torch.float64 if wide else torch.float32
         rows = min(BLOCK, max_batches)  # a short run needs no more rows than batches
         self.block = torch.zeros(rows, 2, offsets[-1], dtype=self.dtype, device=self.device)
-        # Per batch row, per layer: the (mean, var) views the kernel writes into.
-        self.slots: list[list[tuple[Tensor, Tensor]]] = []
-        for row in self.block.unbind(0):
-            mean_rows, var_rows = (torch.split(part, self.sizes) for part in row.unbind(0))
-            self.slots.append(list(zip(mean_rows, var_rows, strict=True)))
+        # Per batch row, per layer: the (mean, var) views the kernel writes into, made on
+        # a row's first intercepted batch (direct batches copy whole rows).
+        self.slots: list[list[tuple[Tensor, Tensor]] | None] = [None] * rows
+        self._rows = list(self.block.unbind(0))
         self.acc = _empty(offsets[-1], self.device)
         self.residual: Stats = {}
         self.k = 0
         self.counts = [0] * len(layers)
         self.batch_counts: list[tuple[int, ...]] = []
+        self.direct: list[bool] = []
         self.extra: list[Record] = []
         self._count_vectors: dict[tuple[int, ...], Tensor] = {}
+        self._unscale = _per_channel([1.0 / m for m in momenta or ()], self.sizes, self.device)
 
     def rows(
         self, layer: str, count: int, channels: int, dtype: torch.dtype, device: torch.device
@@ -71,17 +82,31 @@ class BlockFold:
             self.extra.append(Record(layer, count, mean, var))
             return mean, var
         self.counts[i] = count
-        return self.slots[self.k][i]
+        slots = self.slots[self.k]
+        if slots is None:
+            mean_rows, var_rows = (torch.split(part, self.sizes) for part in self.block[self.k])
+            slots = self.slots[self.k] = list(zip(mean_rows, var_rows, strict=True))
+        return slots[i]
+
+    def end_direct(self, live: Tensor, counts: tuple[int, ...]) -> None:
+        """Close a direct batch: ``live`` holds ``momentum *`` its moments, ``counts`` its sizes."""
+        self._rows[self.k].copy_(live)
+        self.direct.append(True)
+        self.batch_counts.append(counts)
+        self.k += 1
+        if self.k == len(self._rows):
+            self._pool()
 
     def end_batch(self) -> None:
-        """Close the current batch; pool the block when it is full."""
+        """Close the current (intercepted) batch; pool the block when it is full."""
+        self.direct.append(False)
         self.batch_counts.append(tuple(self.counts))
         self.counts = [0] * len(self.layers)
         if self.extra:
             self.residual = merge(self.residual, collect(self.extra))
             self.extra = []
         self.k += 1
-        if self.k == len(self.slots):
+        if self.k == len(self._rows):
             self._pool()
 
     def result(self) -> Stats:
@@ -95,30 +120,61 @@ class BlockFold:
         return merge(stats, self.residual)
 
     def _pool(self) -> None:
+        """Pool the block's rows into ``acc`` and start it afresh.
+
+        Rows of equal counts and kind (intercepted or direct) form a group, normally one
+        or two per block. A group of rows of ``n`` values each pools with two reductions
+        over the rows: its mean is the rows' mean, and its sum of squared deviations is
+        ``(n - 1)`` times the summed variances plus ``n`` times the summed squared
+        deviations of the row means from it. Direct rows are divided by the momenta after
+        the reductions, on ``C`` values. Rows are overwritten, not zeroed, by the next block.
+        """
         if self.k == 0:
             return
         rows = self.block[: self.k].to(torch.float64)
-        n = torch.stack([self._count_vector(c) for c in self.batch_counts])
-        total = n.sum(0)
-        mean = (n * rows[:, 0]).sum(0) / total.clamp_min(1.0)
-        m2 = (rows[:, 1] * (n - 1).clamp_min(0.0)).sum(0)
-        m2 = m2 + (n * (rows[:, 0] - mean).square()).sum(0)
-        self.acc = merge_layer(self.acc, Moments(total, mean, m2))
-        self.block[: self.k].zero_()
-        self.k, self.batch_counts = 0, []
+        groups: dict[tuple[tuple[int, ...], bool], list[int]] = {}
+        for i, key in enumerate(zip(self.batch_counts, self.direct, strict=True)):
+            groups.setdefault(key, []).append(i)
+        acc = self.acc
+        for (counts, direct), members in groups.items():
+            first, last = members[0], members[-1]
+            if last - first + 1 == len(members):
+                part = rows[first : last + 1]
+            else:
+                part = rows[torch.tensor(members, device=rows.device)]
+            means = part[:, 0]
+            mean = means.mean(0)
+            spread = (means - mean).square().sum(0)  # two passes (torch.var_mean is slower)
+            variances = part[:, 1].sum(0)
+            if direct:
+                mean = mean * self._unscale
+                spread = spread * self._unscale.square()
+                variances = variances * self._unscale
+            n = self._count_vector(counts)
+            m2 = (n - 1).clamp_min(0.0) * variances + n * spread
+            acc = merge_layer(acc, Moments(n * len(members), mean, m2))
+        self.acc = acc
+        self.k, self.batch_counts, self.direct = 0, [], []
 
     def _count_vector(self, counts: tuple[int, ...]) -> Tensor:
         vector = self._count_vectors.get(counts)
         if vector is None:
             if len(self._count_vectors) >= 4 * BLOCK:  # many ragged shapes: stay bounded
                 self._count_vectors.clear()
-            parts = [
-                torch.full((n,), c, dtype=torch.float64, device=self.device)
-                for n, c in zip(self.sizes, counts, strict=True)
-            ]
-            vector = torch.cat(parts)
+            vector = _per_channel(counts, self.sizes, self.device)
             self._count_vectors[counts] = vector
         return vector
+
+
+def _per_channel(values: Sequence[float], sizes: list[int], device: torch.device) -> Tensor:
+    """A float64 vector holding each layer's value on each of its channels."""
+    if not values:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    parts = [
+        torch.full((n,), v, dtype=torch.float64, device=device)
+        for n, v in zip(sizes, values, strict=True)
+    ]
+    return torch.cat(parts)
 
 
 def _empty(channels: int, device: torch.device) -> Moments:

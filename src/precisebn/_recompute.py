@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from precisebn._batches import Forward, integer_leaves, leading_size, to_device
+from precisebn._batches import Forward, integer_leaves, leading_size, place, to_device
 from precisebn._buffers import BNBuffers
 from precisebn._capture import RecordList, Runner, Step, collect
+from precisebn._direct import Known, Signatures, watch_values
 from precisebn._distributed import abandon, reduce_run, reduction_group
 from precisebn._fold import BlockFold
 from precisebn._layers import LayerSelector
@@ -56,7 +57,11 @@ def update(
 
 def _checked_step(runner: Runner, step: Step, batch: Any, *, index: int) -> Any:
     """Move ``batch`` to the model's device and run it; explain integer-input failures."""
-    batch = to_device(batch, runner.device)
+    return _run_step(runner, step, to_device(batch, runner.device), index=index)
+
+
+def _run_step(runner: Runner, step: Step, batch: Any, *, index: int) -> Any:
+    """Run ``batch`` (on the model's device); explain integer-input failures."""
     try:
         return step(batch)
     except (RuntimeError, TypeError) as error:
@@ -186,14 +191,42 @@ def _accumulate(
     chosen: Iterator[Any] = itertools.islice(batches, num_batches)
     if progress:
         chosen = _progress_bar(chosen, total=expected)
-    fold = BlockFold(list(runner.layers), runner.bn_buffers, max_batches=max(expected, 1))
+    fold = BlockFold(
+        list(runner.layers),
+        runner.bn_buffers,
+        max_batches=max(expected, 1),
+        momenta=runner.momenta,
+    )
+    signatures = Signatures(enabled=runner.momenta is not None and runner.live is not None)
+    live, calls = runner.live, runner.calls
 
     def loop(step: Step) -> tuple[int, int]:
         used = samples = 0
-        for index, batch in enumerate(chosen):
-            _checked_step(runner, step, batch, index=index)
+        for index, raw in enumerate(chosen):
+            batch, leaves, spec = place(raw, runner.device)
+            used, samples = index + 1, samples + leading_size(leaves)
+            key, known = signatures.lookup(leaves, spec)
+            if known is not None and live is not None:
+                # Direct: the kernels update the zeroed live buffers themselves.
+                live.zero_()
+                calls.zero_()
+                runner.intercept(False)  # on again for the next intercepted batch
+                _run_step(runner, step, batch, index=index)
+                if torch.equal(calls, known.calls):
+                    fold.end_direct(live, known.counts)
+                    continue
+                signatures.reject(key)  # a layer skipped or reused: run it intercepted
+            runner.intercept(True)
+            calls.zero_()
+            if signatures.watching(key):
+                with watch_values(runner.counters) as watch:
+                    _run_step(runner, step, batch, index=index)
+                dependent = watch.found is not None
+            else:
+                _run_step(runner, step, batch, index=index)
+                dependent = False
+            signatures.observe(key, Known(tuple(fold.counts), calls), value_dependent=dependent)
             fold.end_batch()
-            used, samples = index + 1, samples + leading_size(batch)
         return used, samples
 
     with torch.no_grad():
