@@ -8,6 +8,7 @@ from typing import Any
 
 from bench.exactness import MEAN_BOUND, VAR_BOUND, VAR_BOUND_SHIFTED
 from bench.methods import ESTIMATORS, METHODS
+from precisebn._fold import BLOCK
 
 SPEED_TARGET_FLOOR = 1.05
 SPEED_TARGET_FVCORE = 1.0
@@ -26,13 +27,13 @@ def vs_fvcore(row: dict[str, Any]) -> float:
 
 
 def speed_table(speed: list[dict[str, Any]]) -> str:
-    header = ["workload", "floor ms/batch", *(m for m in METHODS if m != "floor")]
+    header = ["workload", "batches", "floor ms/batch", *(m for m in METHODS if m != "floor")]
     header += ["precisebn / fvcore", "overhead µs/batch", "target met"]
     rows = []
     for row in speed:
         ms = row["methods"]
         n = row["num_batches"]
-        cells = [row["workload"], f"{ms['floor']['median_s'] / n * 1e3:.2f}"]
+        cells = [row["workload"], str(n), f"{ms['floor']['median_s'] / n * 1e3:.2f}"]
         for name in METHODS:
             if name != "floor":
                 t = ms[name]
@@ -92,9 +93,20 @@ def _memory_cell(cell: dict[str, float | None]) -> str:
 
 def scaling_tables(scaling: dict[str, Any]) -> str:
     nb = scaling["batches"]
-    header = ["method", *(f"{n} batches (ms)" for n in nb["num_batches"]), "µs per batch (slope)"]
+    header = [
+        "method",
+        *(f"{n} batches (ms)" for n in nb["num_batches"]),
+        "µs per batch (slope)",
+        "ms per call (intercept)",
+    ]
+    fixed = nb.get("fixed_ms", {})
     rows = [
-        [name, *(f"{s * 1e3:.1f}" for s in secs), f"{nb['per_batch_us'][name]:.0f}"]
+        [
+            name,
+            *(f"{s * 1e3:.1f}" for s in secs),
+            f"{nb['per_batch_us'][name]:.0f}",
+            f"{fixed[name]:.2f}" if name in fixed else "-",
+        ]
         for name, secs in nb["median_s"].items()
     ]
     first = f"{nb['workload']}\n\n" + _table(header, rows)
@@ -190,6 +202,12 @@ def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str
         "",
         speed_table(results["speed"]),
         "",
+        "Each row runs the number of batches shown (a precise-BN run is a few hundred "
+        "batches; `num_batches` defaults to 200). Besides its cost per batch, a precisebn "
+        "call has a fixed cost (set-up, the two intercepted batches and the watched one per "
+        "batch shape, the final pooling): the *Scaling* section gives both, as the slope and "
+        "the intercept of time against the number of batches.",
+        "",
         "## Exactness",
         "",
         "Worst relative error over every BN layer and channel against a float64 pooled "
@@ -207,9 +225,9 @@ def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str
         "",
         f"precisebn's statistics for this model: {results['memory']['stats_mib']:.3f} MiB "
         "(float64 mean and m2 per channel). Its tensor peak above the floor is the batch "
-        "block and its pooling (at most 8 batches of float32 mean and variance per channel, "
-        "and a few float64 arrays of that size while a block is pooled): bounded, whatever "
-        "the number of batches. The RSS of a first call includes one-time set-up of the "
+        f"block and its pooling (at most {BLOCK} batches of float32 mean and variance per "
+        "channel, and a few float64 arrays of that size while a block is pooled): bounded, "
+        "whatever the number of batches. The RSS of a first call includes one-time set-up of the "
         "process: in a separate check (2026-11-27, this machine), a first precisebn call "
         "on this model grew RSS by 13.3 MiB, and by 4.5 MiB after one call on an unrelated "
         "two-layer model.",

@@ -56,7 +56,7 @@ class Config:
 
 
 QUICK = Config(
-    speed=[(CNN, 32, 8), (CNN, 128, 4), (MLP, 128, 40), (CONV3D, 8, 16)],
+    speed=[(CNN, 32, 8), (CNN, 128, 4), (MLP, 128, 100), (CONV3D, 8, 32)],
     repeats=7,
     exact_batches=6,
     small_batches=64,
@@ -67,7 +67,7 @@ QUICK = Config(
     scaling_repeats=3,
 )
 FULL = Config(
-    speed=[(CNN, 32, 16), (CNN, 128, 8), (MLP, 128, 100), (CONV3D, 8, 16)],
+    speed=[(CNN, 32, 32), (CNN, 128, 8), (MLP, 128, 200), (CONV3D, 8, 64)],
     repeats=11,
     exact_batches=15,
     small_batches=256,

@@ -25,6 +25,11 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     )
 
 
+def intercept(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares intercept of ``ys`` against ``xs``: the cost of a call of no batches."""
+    return sum(ys) / len(ys) - slope(xs, ys) * sum(xs) / len(xs)
+
+
 def vs_batches(counts: Sequence[int], *, batch: int, repeats: int) -> dict[str, object]:
     """Median seconds per call for each number of batches; per-batch cost from the slope."""
     workload = mlp_workload(256)
@@ -37,12 +42,14 @@ def vs_batches(counts: Sequence[int], *, batch: int, repeats: int) -> dict[str, 
         for name in SCALED:
             medians[name].append(timings[name].median)
     per_batch = {name: slope(counts, medians[name]) * 1e6 for name in SCALED}
+    fixed = {name: intercept(counts, medians[name]) * 1e3 for name in SCALED}
     overhead = per_batch["precisebn"] - per_batch["floor"]
     return {
         "workload": f"{workload.name}, batch {batch}, {layers} BN layers",
         "num_batches": list(counts),
         "median_s": medians,
         "per_batch_us": per_batch,
+        "fixed_ms": fixed,
         "overhead_per_batch_us": overhead,
         "overhead_per_layer_us": overhead / layers,
     }

@@ -121,6 +121,26 @@ def test_summary_matches_the_buffers(
     assert sum(line.rstrip().endswith("*") for line in stdout.splitlines()) == 1, most
 
 
+def test_no_direct_intercepts_every_batch(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    seen: list[bool] = []
+    library = _cli.recompute_bn_buffers
+
+    def spy(*args: Any, **kwargs: Any) -> precisebn.BNBuffers:
+        seen.append(kwargs["direct"])
+        return library(*args, **kwargs)
+
+    monkeypatch.setattr(_cli, "recompute_bn_buffers", spy)
+    outs = [tmp_path / "direct.pt", tmp_path / "intercepted.pt"]
+    assert _cli.main(recompute_args(checkpoint, outs[0], num_batches="6")) == 0
+    assert _cli.main([*recompute_args(checkpoint, outs[1], num_batches="6"), "--no-direct"]) == 0
+    assert seen == [True, False]
+    direct, intercepted = (torch.load(out, weights_only=True) for out in outs)
+    for key, value in direct.items():
+        torch.testing.assert_close(value, intercepted[key], rtol=1e-6, atol=1e-7)
+
+
 def test_wrapped_checkpoint_gets_a_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path, out = tmp_path / "swa.pt", tmp_path / "out.pt"
     torch.save(AveragedModel(cli_factories.make_model()).state_dict(), path)

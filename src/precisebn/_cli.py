@@ -177,6 +177,13 @@ def _add_recompute(sub: Any, common: argparse.ArgumentParser) -> None:
         "(the BN layers still pool batch statistics)",
     )
     rec.add_argument(
+        "--no-direct",
+        action="store_true",
+        help="intercept every BN call of every batch, for a forward that changes a layer's "
+        "input size between batches of equal shapes by itself (a random resize drawn with "
+        "Python's random module); the default runs repeated shapes without interception",
+    )
+    rec.add_argument(
         "--overwrite", action="store_true", help="replace --out if it exists (it may be the input)"
     )
     rec.add_argument(
@@ -265,6 +272,7 @@ def run_recompute_command(args: argparse.Namespace) -> int:
         num_batches=args.num_batches,
         forward=forward,
         progress=_want_progress(args.progress),
+        direct=not args.no_direct,
     )
     moves = summarize(checkpoint.state, new, eps=_eps_by_layer(model))
     print(
@@ -285,13 +293,19 @@ def _recompute(
     num_batches: int,
     forward: Forward | None,
     progress: bool,
+    direct: bool = True,
 ) -> BNBuffers:
     """The library call; its errors become `CLIError`, its warnings log records."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             new = recompute_bn_buffers(
-                model, loader, num_batches=num_batches, forward=forward, progress=progress
+                model,
+                loader,
+                num_batches=num_batches,
+                forward=forward,
+                progress=progress,
+                direct=direct,
             )
         except (ValueError, TypeError, RuntimeError, ImportError) as error:
             logger.debug("recomputing failed", exc_info=True)

@@ -27,17 +27,18 @@ from precisebn._capture import Record, collect
 from precisebn._layers import STAT_NAMES, buffer_key
 from precisebn._moments import Moments, Stats, merge, merge_layer
 
-BLOCK = 32
+BLOCK = 16
 """Batches held before pooling. The block holds ``BLOCK * 2 * C`` values in the statistics
-dtype (256 bytes per float32 channel), and pooling it briefly needs a few float64 arrays of
-``BLOCK * C``; neither grows with the number of batches. Pooling costs a dozen operations
-whatever the number of rows, so a larger block makes it rarer."""
+dtype (128 bytes per float32 channel), and pooling it briefly needs two float64 arrays of
+``BLOCK * C``; neither depends on the number of batches. Pooling costs about fifteen small
+operations whatever the number of rows, so the block makes them rare."""
 
 
 class BlockFold:
     """A sink for one run of at most ``max_batches`` batches.
 
-    Batch moments land in a block of ``min(BLOCK, max_batches)`` rows, pooled when full.
+    Batch moments land in a block of ``BLOCK`` rows (fewer for a shorter run), pooled
+    when full.
     """
 
     def __init__(
@@ -63,7 +64,7 @@ class BlockFold:
         # a row's first intercepted batch (direct batches copy whole rows).
         self.slots: list[list[tuple[Tensor, Tensor]] | None] = [None] * rows
         self._rows = list(self.block.unbind(0))
-        self.acc = _empty(offsets[-1], self.device)
+        self.acc: Moments | None = None  # nothing pooled yet
         self.residual: Stats = {}
         self.k = 0
         self.counts = [0] * len(layers)
@@ -71,6 +72,9 @@ class BlockFold:
         self.direct: list[bool] = []
         self.extra: list[Record] = []
         self._count_vectors: dict[tuple[int, ...], Tensor] = {}
+        self._weight_cache: dict[
+            tuple[tuple[int, ...], bool], tuple[Tensor | None, Tensor, Tensor]
+        ] = {}
         self._unscale = _per_channel([1.0 / m for m in momenta or ()], self.sizes, self.device)
 
     def rows(
@@ -112,7 +116,7 @@ class BlockFold:
     def result(self) -> Stats:
         """Per-layer moments of every batch closed so far."""
         self._pool()
-        flat = self.acc
+        flat = self.acc if self.acc is not None else _empty(self.block.shape[-1], self.device)
         stats = {
             layer: Moments(flat.count[a].clone(), flat.mean[a:b], flat.m2[a:b])
             for layer, (a, b) in zip(self.layers, self.spans, strict=True)
@@ -131,7 +135,6 @@ class BlockFold:
         """
         if self.k == 0:
             return
-        rows = self.block[: self.k].to(torch.float64)
         groups: dict[tuple[tuple[int, ...], bool], list[int]] = {}
         for i, key in enumerate(zip(self.batch_counts, self.direct, strict=True)):
             groups.setdefault(key, []).append(i)
@@ -139,28 +142,46 @@ class BlockFold:
         for (counts, direct), members in groups.items():
             first, last = members[0], members[-1]
             if last - first + 1 == len(members):
-                part = rows[first : last + 1]
+                part = self.block[first : last + 1]
             else:
-                part = rows[torch.tensor(members, device=rows.device)]
-            means = part[:, 0]
+                part = self.block[torch.tensor(members, device=self.device)]
+            means = part[:, 0].to(torch.float64, copy=True)  # worked on in place
             mean = means.mean(0)
-            spread = (means - mean).square().sum(0)  # two passes (torch.var_mean is slower)
-            variances = part[:, 1].sum(0)
-            if direct:
-                mean = mean * self._unscale
-                spread = spread * self._unscale.square()
-                variances = variances * self._unscale
-            n = self._count_vector(counts)
-            m2 = (n - 1).clamp_min(0.0) * variances + n * spread
-            acc = merge_layer(acc, Moments(n * len(members), mean, m2))
+            spread = means.sub_(mean).square_().sum(0)  # torch.var_mean is slower
+            variances = part[:, 1].sum(0, dtype=torch.float64)
+            scale, var_weight, spread_weight = self._weights(counts, direct)
+            if scale is not None:
+                mean = mean.mul_(scale)
+            m2 = torch.addcmul(variances.mul_(var_weight), spread, spread_weight)
+            group = Moments(self._count_vector(counts) * len(members), mean, m2)
+            acc = group if acc is None else merge_layer(acc, group)
         self.acc = acc
         self.k, self.batch_counts, self.direct = 0, [], []
+
+    def _weights(
+        self, counts: tuple[int, ...], direct: bool
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Per channel: the mean's scale, and the weights of the summed variances and of the
+        spread of the row means in the sum of squared deviations (``n - 1`` and ``n``, over
+        the momentum and its square for direct rows)."""
+        key = (counts, direct)
+        weights = self._weight_cache.get(key)
+        if weights is None:
+            n = self._count_vector(counts)
+            scale = self._unscale if direct else None
+            var_weight = (n - 1).clamp_min(0.0)
+            spread_weight = n
+            if scale is not None:
+                var_weight, spread_weight = var_weight * scale, n * scale.square()
+            weights = self._weight_cache[key] = (scale, var_weight, spread_weight)
+        return weights
 
     def _count_vector(self, counts: tuple[int, ...]) -> Tensor:
         vector = self._count_vectors.get(counts)
         if vector is None:
             if len(self._count_vectors) >= 4 * BLOCK:  # many ragged shapes: stay bounded
                 self._count_vectors.clear()
+                self._weight_cache.clear()
             vector = _per_channel(counts, self.sizes, self.device)
             self._count_vectors[counts] = vector
         return vector

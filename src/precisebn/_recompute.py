@@ -88,6 +88,7 @@ def recompute_bn_buffers(
     progress: bool = False,
     process_group: ProcessGroup | None = None,
     distributed: bool = True,
+    direct: bool = True,
 ) -> BNBuffers:
     """Recompute BatchNorm running statistics exactly, returning new buffers.
 
@@ -129,6 +130,14 @@ def recompute_bn_buffers(
             returns the same buffers, those of one process running the union of all
             ranks' batches. ``False`` keeps each rank's own statistics. Without a process
             group there is nothing to pool and this flag has no effect.
+        direct: run batches whose shapes were seen before without intercepting BN calls
+            (see *How a run works* in the docs): the same numbers, with no Python call per
+            BN call. It needs the per-layer counts to follow from the batch's shapes; the
+            run checks this on the first two batches of each shape, watches for sizes
+            read from tensor values, and checks which layers every direct batch ran.
+            Pass ``False`` for a forward that changes a layer's input size between batches
+            of equal shapes on its own, for instance by a random resize drawn with Python's
+            ``random`` module.
 
     Returns:
         BNBuffers: a ``dict`` keyed ``"<layer>.running_mean"`` and
@@ -161,7 +170,7 @@ def recompute_bn_buffers(
     group = reduction_group(process_group) if distributed else None
     try:
         stats, used, samples = _accumulate(
-            runner, loader, num_batches=num_batches, progress=progress
+            runner, loader, num_batches=num_batches, progress=progress, direct=direct
         )
     except Exception:
         if group is not None:  # the other ranks raise too, instead of waiting for this one
@@ -178,7 +187,7 @@ def recompute_bn_buffers(
 
 
 def _accumulate(
-    runner: Runner, loader: Iterable[Any], *, num_batches: int, progress: bool
+    runner: Runner, loader: Iterable[Any], *, num_batches: int, progress: bool, direct: bool
 ) -> tuple[Stats, int, int]:
     """Fold up to ``num_batches`` batches of ``loader``: the state, batches and samples used."""
     try:
@@ -197,7 +206,7 @@ def _accumulate(
         max_batches=max(expected, 1),
         momenta=runner.momenta,
     )
-    signatures = Signatures(enabled=runner.momenta is not None and runner.live is not None)
+    signatures = Signatures(enabled=direct and runner.momenta is not None)
     live, calls = runner.live, runner.calls
 
     def loop(step: Step) -> tuple[int, int]:
