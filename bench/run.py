@@ -52,6 +52,7 @@ class Config:
     tensor_sizes_max: int  # profile live tensor bytes only up to this many batches (slow)
     scaling_counts: list[int]
     scaling_widths: list[int]
+    scaling_width_batches: int  # batches per call in the channel-count figure
     scaling_repeats: int
 
 
@@ -64,6 +65,7 @@ QUICK = Config(
     tensor_sizes_max=100,
     scaling_counts=[8, 16, 32],
     scaling_widths=[64, 256, 1024],
+    scaling_width_batches=32,
     scaling_repeats=3,
 )
 FULL = Config(
@@ -75,6 +77,7 @@ FULL = Config(
     tensor_sizes_max=1000,
     scaling_counts=[10, 20, 40, 80, 160],
     scaling_widths=[32, 64, 128, 256, 512, 1024],
+    scaling_width_batches=100,
     scaling_repeats=7,
 )
 SMALL_MLP = Workload("mlp small", lambda: bn_mlp(16, 32, 3), (16,))
@@ -145,7 +148,10 @@ def run_scaling(config: Config) -> dict[str, Any]:
             config.scaling_counts, batch=32, repeats=config.scaling_repeats
         ),
         "channels": scaling.vs_channels(
-            config.scaling_widths, batch=32, num_batches=16, repeats=config.scaling_repeats
+            config.scaling_widths,
+            batch=32,
+            num_batches=config.scaling_width_batches,
+            repeats=config.scaling_repeats,
         ),
     }
     print("  scaling done", flush=True)

@@ -3,11 +3,12 @@
 `recompute_bn_buffers` hands the intercepted BN calls a `BlockFold` as their sink. The
 recomputed layers' channels are laid end to end, and the BN kernels write each batch's
 ``[mean; unbiased var]`` straight into row ``k`` of a ``[K, 2, C]`` block: no allocation,
-copy or merge per batch. Every ``K`` batches the block is pooled in float64 with a few
-vectorised reductions (the K-part form of Chan et al.'s combination: counts add, the mean
-is count-weighted, and the sum of squared deviations adds each part's own and its
-``n_k (mean_k - mean)^2``), then merged into the running flat moments. Calls that cannot
-use the block (a layer's second call in one batch, another dtype or device) are kept as
+copy or merge per batch. Every ``K`` batches the block is added, in float64 and with a few
+vectorised reductions, to the run's sums per channel: the count, and the count-weighted
+deviations of the batch means and the sums of squared deviations, all taken about a fixed
+shift (the first rows' mean). The pooled mean and sum of squared deviations follow from
+them as from Chan et al.'s combination, up to float64 rounding. Calls that cannot use the
+block (a layer's second call in one batch, another dtype or device) are kept as
 records and merged per layer, exactly as `precisebn.update` does.
 
 A direct batch (see `precisebn._direct`) arrives as the run's live ``[2, C]`` buffers,
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from precisebn._capture import Record, collect
 from precisebn._layers import STAT_NAMES, buffer_key
-from precisebn._moments import Moments, Stats, merge, merge_layer
+from precisebn._moments import Moments, Stats, merge
 
 BLOCK = 16
 """Batches held before pooling. The block holds ``BLOCK * 2 * C`` values in the statistics
@@ -64,7 +65,12 @@ class BlockFold:
         # a row's first intercepted batch (direct batches copy whole rows).
         self.slots: list[list[tuple[Tensor, Tensor]] | None] = [None] * rows
         self._rows = list(self.block.unbind(0))
-        self.acc: Moments | None = None  # nothing pooled yet
+        # The run's shifted sums per channel (see _pool); the shift is set by the first pool.
+        channels = offsets[-1]
+        self._n, self._s1, self._q = (
+            torch.zeros(channels, dtype=torch.float64, device=self.device) for _ in range(3)
+        )
+        self._shift: Tensor | None = None
         self.residual: Stats = {}
         self.k = 0
         self.counts = [0] * len(layers)
@@ -72,9 +78,7 @@ class BlockFold:
         self.direct: list[bool] = []
         self.extra: list[Record] = []
         self._count_vectors: dict[tuple[int, ...], Tensor] = {}
-        self._weight_cache: dict[
-            tuple[tuple[int, ...], bool], tuple[Tensor | None, Tensor, Tensor]
-        ] = {}
+        self._weight_cache: dict[tuple[tuple[int, ...], bool], tuple[Tensor, Tensor]] = {}
         self._unscale = _per_channel([1.0 / m for m in momenta or ()], self.sizes, self.device)
 
     def rows(
@@ -116,64 +120,64 @@ class BlockFold:
     def result(self) -> Stats:
         """Per-layer moments of every batch closed so far."""
         self._pool()
-        flat = self.acc if self.acc is not None else _empty(self.block.shape[-1], self.device)
+        total = self._n.clamp_min(1.0)
+        mean = self._s1 / total
+        m2 = (self._q - self._s1 * mean).clamp_min_(0.0)
+        if self._shift is not None:
+            mean += self._shift
         stats = {
-            layer: Moments(flat.count[a].clone(), flat.mean[a:b], flat.m2[a:b])
+            layer: Moments(self._n[a].clone(), mean[a:b], m2[a:b])
             for layer, (a, b) in zip(self.layers, self.spans, strict=True)
         }
         return merge(stats, self.residual)
 
     def _pool(self) -> None:
-        """Pool the block's rows into ``acc`` and start it afresh.
+        """Add the block's rows to the run's sums and start the block afresh.
 
-        Rows of equal counts and kind (intercepted or direct) form a group, normally one
-        or two per block. A group of rows of ``n`` values each pools with two reductions
-        over the rows: its mean is the rows' mean, and its sum of squared deviations is
-        ``(n - 1)`` times the summed variances plus ``n`` times the summed squared
-        deviations of the row means from it. Direct rows are divided by the momenta after
-        the reductions, on ``C`` values. Rows are overwritten, not zeroed, by the next block.
+        The sums are shifted by a reference ``d`` per channel (the first rows' mean), which
+        keeps them well conditioned in float64: ``N = Σ n_k``, ``S = Σ n_k (mean_k - d)``
+        and ``Q = Σ (n_k - 1) var_k + n_k (mean_k - d)^2``, so that the pooled mean is
+        ``d + S / N`` and the sum of squared deviations ``Q - S^2 / N``. Rows of equal
+        counts and kind (intercepted or direct) form a group, normally one or two per
+        block, which adds with a few vectorised operations; direct rows are divided by the
+        momenta first. Rows are overwritten, not zeroed, by the next block (a weight of 0
+        meets only finite values there).
         """
         if self.k == 0:
             return
         groups: dict[tuple[tuple[int, ...], bool], list[int]] = {}
         for i, key in enumerate(zip(self.batch_counts, self.direct, strict=True)):
             groups.setdefault(key, []).append(i)
-        acc = self.acc
         for (counts, direct), members in groups.items():
             first, last = members[0], members[-1]
             if last - first + 1 == len(members):
                 part = self.block[first : last + 1]
             else:
                 part = self.block[torch.tensor(members, device=self.device)]
+            n, var_weight = self._weights(counts, direct)
             means = part[:, 0].to(torch.float64, copy=True)  # worked on in place
-            mean = means.mean(0)
-            spread = means.sub_(mean).square_().sum(0)  # torch.var_mean is slower
-            variances = part[:, 1].sum(0, dtype=torch.float64)
-            scale, var_weight, spread_weight = self._weights(counts, direct)
-            if scale is not None:
-                mean = mean.mul_(scale)
-            m2 = torch.addcmul(variances.mul_(var_weight), spread, spread_weight)
-            group = Moments(self._count_vector(counts) * len(members), mean, m2)
-            acc = group if acc is None else merge_layer(acc, group)
-        self.acc = acc
+            if direct:
+                means.mul_(self._unscale)
+            if self._shift is None:
+                self._shift = means.mean(0)
+            deviations = means.sub_(self._shift)
+            self._s1.addcmul_(n, deviations.sum(0))
+            self._q.addcmul_(var_weight, part[:, 1].sum(0, dtype=torch.float64))
+            self._q.addcmul_(n, deviations.square_().sum(0))
+            self._n.add_(n, alpha=len(members))
         self.k, self.batch_counts, self.direct = 0, [], []
 
-    def _weights(
-        self, counts: tuple[int, ...], direct: bool
-    ) -> tuple[Tensor | None, Tensor, Tensor]:
-        """Per channel: the mean's scale, and the weights of the summed variances and of the
-        spread of the row means in the sum of squared deviations (``n - 1`` and ``n``, over
-        the momentum and its square for direct rows)."""
+    def _weights(self, counts: tuple[int, ...], direct: bool) -> tuple[Tensor, Tensor]:
+        """Per channel: ``n``, and the weight of the summed row variances in ``Q``
+        (``n - 1``, over the momentum for direct rows)."""
         key = (counts, direct)
         weights = self._weight_cache.get(key)
         if weights is None:
             n = self._count_vector(counts)
-            scale = self._unscale if direct else None
             var_weight = (n - 1).clamp_min(0.0)
-            spread_weight = n
-            if scale is not None:
-                var_weight, spread_weight = var_weight * scale, n * scale.square()
-            weights = self._weight_cache[key] = (scale, var_weight, spread_weight)
+            if direct:
+                var_weight = var_weight * self._unscale
+            weights = self._weight_cache[key] = (n, var_weight)
         return weights
 
     def _count_vector(self, counts: tuple[int, ...]) -> Tensor:
@@ -196,8 +200,3 @@ def _per_channel(values: Sequence[float], sizes: list[int], device: torch.device
         for n, v in zip(sizes, values, strict=True)
     ]
     return torch.cat(parts)
-
-
-def _empty(channels: int, device: torch.device) -> Moments:
-    zeros = torch.zeros(channels, dtype=torch.float64, device=device)
-    return Moments(zeros, zeros.clone(), zeros.clone())
