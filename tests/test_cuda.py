@@ -22,6 +22,18 @@ def test_cuda_matches_reference_and_stays_on_device() -> None:
     assert_matches(new, pooled_inputs(model, [b.cuda() for b in batches]))
 
 
+def test_cuda_direct_batches_match_reference() -> None:
+    """Batches of a repeated shape run without interception on CUDA too (cuDNN's kernel)."""
+    torch.manual_seed(1)
+    model = SmallCNN().cuda()
+    batches = [torch.randn(16, 3, 16, 16, device="cuda") * 2 + 1 for _ in range(9)]
+    new = precisebn.recompute_bn_buffers(model, batches)
+    slow = precisebn.recompute_bn_buffers(model, batches, direct=False)
+    assert_matches(new, pooled_inputs(model, batches))
+    for key, value in new.items():
+        torch.testing.assert_close(value, slow[key], rtol=1e-5, atol=1e-6)
+
+
 def test_no_sync_per_batch() -> None:
     model = SmallCNN().cuda()
     model.bn1.momentum = None
