@@ -34,7 +34,7 @@ import precisebn  # noqa: E402
 from bench import exactness, report  # noqa: E402
 from bench.methods import METHODS, Method  # noqa: E402
 from bench.models import CNN, CONV3D, MLP, Workload, batch_sizes, make_batches, make_model  # noqa: E402
-from bench.timing import interleaved  # noqa: E402
+from bench.timing import interleaved, speed_row  # noqa: E402
 
 VARIANTS = ("float32", "bf16 autocast", "channels_last")
 
@@ -71,13 +71,7 @@ def speed(device: torch.device, repeats: int, n: int) -> list[dict[str, Any]]:
                 continue
             model, batches, methods = prepared(workload, batch, n, variant, device)
             timings = interleaved(methods, model, batches, repeats=repeats, device=device)
-            rows.append(
-                {
-                    "workload": f"{workload.name} batch {batch}, {variant}",
-                    "num_batches": n,
-                    "methods": {name: t.as_dict() for name, t in timings.items()},
-                }
-            )
+            rows.append(speed_row(f"{workload.name} batch {batch}, {variant}", n, timings))
             print(f"  {rows[-1]['workload']} done", flush=True)
     return rows
 

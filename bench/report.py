@@ -150,11 +150,7 @@ def plots(results: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     ax.axhline(SPEED_TARGET_FLOOR, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, fontsize=7)
     ax.set_ylabel("time / floor (median)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / f"{name}_speed.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, ax, out_dir / f"{name}_speed.png"))
 
     nb = results["scaling"]["batches"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -162,12 +158,19 @@ def plots(results: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
         ax.plot(nb["num_batches"], [s * 1e3 for s in secs], marker="o", label=method)
     ax.set_xlabel("batches")
     ax.set_ylabel("ms per call (median)")
+    paths.append(_save(fig, ax, out_dir / f"{name}_scaling.png"))
+    return paths
+
+
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    """Add the legend, lay the figure out, write it as a PNG and free it."""
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(out_dir / f"{name}_scaling.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
+    return path
 
 
 def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str:

@@ -37,7 +37,7 @@ from bench.models import (  # noqa: E402
     make_model,
     tabular_workload,
 )
-from bench.timing import interleaved  # noqa: E402
+from bench.timing import interleaved, speed_row  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -89,13 +89,7 @@ def run_speed(config: Config) -> list[dict[str, Any]]:
         model = make_model(workload)
         batches = make_batches(workload, [batch] * n)
         timings = interleaved(METHODS, model, batches, repeats=config.repeats)
-        rows.append(
-            {
-                "workload": f"{workload.name} batch {batch}",
-                "num_batches": n,
-                "methods": {name: t.as_dict() for name, t in timings.items()},
-            }
-        )
+        rows.append(speed_row(f"{workload.name} batch {batch}", n, timings))
         print(f"  speed: {rows[-1]['workload']} done", flush=True)
     return rows
 

@@ -42,6 +42,15 @@ class Timing:
         }
 
 
+def speed_row(workload: str, num_batches: int, timings: Mapping[str, Timing]) -> dict[str, object]:
+    """One row of a speed table, as ``bench/report.py`` reads it from the results."""
+    return {
+        "workload": workload,
+        "num_batches": num_batches,
+        "methods": {name: t.as_dict() for name, t in timings.items()},
+    }
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work (a no-op on the CPU)."""
     if device.type == "cuda":

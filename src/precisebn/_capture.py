@@ -156,13 +156,14 @@ class Runner:
         self.floating_params = any(t.is_floating_point() for t in state.values())
         self.sink: Sink = RecordList()
         self.cudnn = torch.backends.cudnn.enabled
-        self.momenta = direct_momenta(self.layers, self.bn_buffers)
         # Each recomputed layer's num_batches_tracked, bound as a view of one CPU counter.
         self.calls = torch.zeros(len(self.layers), dtype=torch.long)
         # The tags of this runner only: their interception is switched off in direct batches.
         self._tag_type: type[_Tag] = type("_RunTag", (_Tag,), {})
         self._intercepting = True
         self.live = self._live_buffers()
+        full_width = self.live is not None and self.live.dtype in (torch.float32, torch.float64)
+        self.momenta = direct_momenta(self.layers) if full_width else None
         # Bound for the whole run: the caller's overrides, the tags, and private copies of
         # every buffer a forward might write to.
         self._swap = {**(params or {}), **(buffers or {})}

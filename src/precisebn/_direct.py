@@ -40,8 +40,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from precisebn._layers import STAT_NAMES, buffer_key
-
 MAX_SIGNATURES = 64
 """Signatures tracked per run; batches of further new shapes are intercepted."""
 
@@ -50,18 +48,16 @@ _COPIES_OUT = frozenset({Tensor.tolist, Tensor.numpy, Tensor.__array__})
 _SCALAR = torch.ops.aten._local_scalar_dense.default
 
 
-def direct_momenta(
-    layers: Mapping[str, _BatchNorm], bn_buffers: Mapping[str, Tensor]
-) -> list[float] | None:
+def direct_momenta(layers: Mapping[str, _BatchNorm]) -> list[float] | None:
     """Each layer's update factor in a direct batch, or ``None`` if some layer rules it out.
 
     Direct batches need every recomputed layer to run the stock ``_BatchNorm.forward`` in
-    training mode (so that its kernel updates the running buffers, with a known factor),
-    with a non-zero momentum, and float32 or float64 buffers, all of one dtype and device.
+    training mode (so that its kernel updates the running buffers, with a known factor)
+    and a non-zero momentum. The runner also needs float32 or float64 buffers of one
+    dtype and device, to lay them end to end.
     """
     momenta: list[float] = []
-    kinds = set()
-    for name, layer in layers.items():
+    for layer in layers.values():
         if type(layer).forward is not _BatchNorm.forward or not layer.training:
             return None
         momentum = layer.momentum
@@ -73,10 +69,6 @@ def direct_momenta(
             momenta.append(float(momentum))
         else:
             return None
-        mean = bn_buffers[buffer_key(name, STAT_NAMES[0])]
-        kinds.add((mean.dtype, mean.device))
-    if len(kinds) != 1 or next(iter(kinds))[0] not in (torch.float32, torch.float64):
-        return None
     return momenta
 
 
