@@ -5,7 +5,10 @@ The tests put this directory on ``PYTHONPATH`` (subprocesses) or ``sys.path`` (i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +66,24 @@ def make_loader() -> list[tuple[Tensor, Tensor]]:
         )
         for _ in range(NUM_BATCHES)
     ]
+
+
+def _signalling_loader(signum: int) -> Iterator[tuple[Tensor, Tensor]]:
+    for index, batch in enumerate(make_loader()):
+        if index == 2:
+            os.kill(os.getpid(), signum)
+            time.sleep(60)  # the signal cuts this short
+        yield batch
+
+
+def make_loader_sending_sigterm() -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of :func:`make_loader`, but at the third it sends SIGTERM to its process."""
+    return _signalling_loader(signal.SIGTERM)
+
+
+def make_loader_sending_sigint() -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of :func:`make_loader`, but at the third it sends SIGINT (Ctrl-C) to its process."""
+    return _signalling_loader(signal.SIGINT)
 
 
 def make_dict_loader() -> list[dict[str, Tensor]]:

@@ -22,7 +22,9 @@ def pooled_inputs(
     """Every value each BN layer received, as a float64 ``[C, N]`` matrix per layer name.
 
     Runs a deep copy of the model with the recorded BN layers switched to training mode
-    (so they normalise with batch statistics) and the rest as the caller left them.
+    (so they normalise with batch statistics) and momentum 0 (so that their buffers, which
+    a forward may read, keep the caller's values), and the rest as the caller left them.
+    Every other module of the copy updates its own state as the forward does.
     """
     twin = copy.deepcopy(model)
     names = set(layers) if layers is not None else None
@@ -32,6 +34,7 @@ def pooled_inputs(
             if names is not None and name not in names:
                 continue
             module.train()
+            module.momentum = 0.0
             module.register_forward_pre_hook(_recorder(seen.setdefault(name, [])))
     with torch.no_grad():
         for batch in batches:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 import torch
@@ -23,7 +25,9 @@ TESTS = Path(__file__).resolve().parent
 FACTORIES = "cli_factories"
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path, python: tuple[str, ...] = ("-m", "precisebn")
+) -> subprocess.CompletedProcess[str]:
     """``python -m precisebn ARGS`` with the factories importable and one CPU thread."""
     env = {
         **os.environ,
@@ -31,7 +35,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         "OMP_NUM_THREADS": "1",
     }
     return subprocess.run(
-        [sys.executable, "-m", "precisebn", *args],
+        [sys.executable, *python, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -202,7 +206,10 @@ def test_forward_for_dict_batches(
     out = tmp_path / "out.pt"
     data = f"{FACTORIES}:make_dict_loader"
     assert _cli.main(recompute_args(checkpoint, out, data=data)) == 1
-    assert "cannot find the model input in a batch of type dict" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the batch is a dict (a mapping with keys ['image', 'label'])" in err
+    assert "forward=lambda model, batch: model(batch['image'])" in err
+    assert "(here: --forward MODULE:FUNCTION" in err
     assert not out.exists()
     forward = f"{FACTORIES}:forward_image"
     assert _cli.main(recompute_args(checkpoint, out, data=data, forward=forward)) == 0
@@ -427,3 +434,255 @@ def test_python_dash_m(tmp_path: Path) -> None:
     result = run_cli("--version", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"precisebn {precisebn.__version__}"
+
+
+# ------------------------------------------------------- atomic output, signals
+
+
+POSIX_SIGNALS = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+STOPS = [
+    pytest.param("SIGTERM", 143, "terminated (SIGTERM)", id="SIGTERM"),
+    pytest.param("SIGINT", 130, "interrupted", id="SIGINT"),
+]
+
+# Runs the command line with a torch.save that writes a few bytes, then sends the signal
+# named by the first argument to its own process: a stop in the middle of the write.
+SIGNAL_WHILE_SAVING = """
+import os, signal, sys, time
+import torch
+from precisebn import _cli
+
+def save(content, file):
+    file.write(b"partial")
+    file.flush()
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    time.sleep(60)
+
+torch.save = save
+raise SystemExit(_cli.main(sys.argv[2:]))
+"""
+
+
+def files_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@POSIX_SIGNALS
+@pytest.mark.parametrize(("name", "status", "what"), STOPS)
+def test_signal_while_recomputing(
+    name: str, status: int, what: str, checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.pt"
+    data = f"{FACTORIES}:make_loader_sending_{name.lower()}"
+    result = run_cli(*recompute_args(checkpoint, out, data=data), cwd=tmp_path)
+    assert result.returncode == status, result.stderr
+    assert result.stderr.splitlines() == [
+        f"precisebn recompute: error: {what}; nothing was written"
+    ]
+    assert "wrote" not in result.stdout
+    assert files_in(tmp_path) == ["in.pt"]
+
+
+@POSIX_SIGNALS
+@pytest.mark.parametrize(("name", "status", "what"), STOPS)
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_signal_while_writing_leaves_no_file(
+    name: str, status: int, what: str, overwrite: bool, checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.pt"
+    if overwrite:
+        out.write_bytes(b"precious")
+    args = [*recompute_args(checkpoint, out), *(["--overwrite"] if overwrite else [])]
+    result = run_cli(name, *args, cwd=tmp_path, python=("-c", SIGNAL_WHILE_SAVING))
+    assert result.returncode == status, result.stderr
+    assert result.stderr.splitlines() == [
+        f"precisebn recompute: error: {what}; nothing was written"
+    ]
+    assert "Traceback" not in result.stderr
+    # The temporary file is gone; the old --out, if any, is intact.
+    assert files_in(tmp_path) == (["in.pt", "out.pt"] if overwrite else ["in.pt"])
+    if overwrite:
+        assert out.read_bytes() == b"precious"
+
+
+@POSIX_SIGNALS
+def test_sigkill_while_writing_leaves_no_partial_output(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.pt"
+    result = run_cli(
+        "SIGKILL",
+        *recompute_args(checkpoint, out),
+        cwd=tmp_path,
+        python=("-c", SIGNAL_WHILE_SAVING),
+    )
+    assert result.returncode == -signal.SIGKILL
+    assert not out.exists()  # only the hidden temporary file remains, and a rerun works
+    (left,) = (name for name in files_in(tmp_path) if name != "in.pt")
+    assert re.fullmatch(r"\.out\.pt\.[0-9a-f]{8}\.tmp", left)
+    result = run_cli(*recompute_args(checkpoint, out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    cli_factories.make_model().load_state_dict(torch.load(out, weights_only=True))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_failed_save_leaves_no_output(
+    overwrite: bool,
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
+) -> None:
+    out = tmp_path / "out.pt"
+    if overwrite:
+        out.write_bytes(b"precious")
+    options = ["--overwrite"] if overwrite else []
+
+    def full_disk(content: Any, file: BinaryIO) -> None:
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert _cli.main([*recompute_args(checkpoint, out), *options]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"precisebn recompute: error: --out {out}: cannot write it: "
+        "OSError: [Errno 28] No space left on device\n"
+    )
+    assert files_in(tmp_path) == (["in.pt", "out.pt"] if overwrite else ["in.pt"])
+    if overwrite:
+        assert out.read_bytes() == b"precious"
+    monkeypatch.undo()
+    assert _cli.main([*recompute_args(checkpoint, out), *options]) == 0
+    cli_factories.make_model().load_state_dict(torch.load(out, weights_only=True))
+    assert files_in(tmp_path) == ["in.pt", "out.pt"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_appears_only_when_complete(
+    overwrite: bool,
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
+) -> None:
+    out = tmp_path / "out.pt"
+    if overwrite:
+        out.write_bytes(b"precious")
+    seen: list[tuple[list[str], bytes | None]] = []
+    save = torch.save
+
+    def spy(content: Any, file: BinaryIO) -> None:
+        # What a SIGKILL now would leave: the old --out (if any) and a hidden temporary file.
+        seen.append((files_in(tmp_path), out.read_bytes() if out.exists() else None))
+        save(content, file)
+
+    monkeypatch.setattr(torch, "save", spy)
+    assert (
+        _cli.main([*recompute_args(checkpoint, out), *(["--overwrite"] if overwrite else [])]) == 0
+    )
+    ((names, old),) = seen
+    assert old == (b"precious" if overwrite else None)
+    (tmp,) = (name for name in names if name not in ("in.pt", "out.pt"))
+    assert re.fullmatch(r"\.out\.pt\.[0-9a-f]{8}\.tmp", tmp)
+    assert files_in(tmp_path) == ["in.pt", "out.pt"]
+    cli_factories.make_model().load_state_dict(torch.load(out, weights_only=True))
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_output_appearing_meanwhile_is_kept(
+    hard_links: bool,
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
+) -> None:
+    out = tmp_path / "out.pt"
+    save = torch.save
+
+    def racing(content: Any, file: BinaryIO) -> None:
+        out.write_bytes(b"precious")  # another process writes --out after the early check
+        save(content, file)
+
+    def no_link(source: Any, target: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(torch, "save", racing)
+    if not hard_links:
+        monkeypatch.setattr(os, "link", no_link)
+    assert _cli.main(recompute_args(checkpoint, out)) == 1
+    assert capsys.readouterr().err == (
+        f"precisebn recompute: error: --out {out} exists; choose another path or pass --overwrite\n"
+    )
+    assert out.read_bytes() == b"precious"
+    assert files_in(tmp_path) == ["in.pt", "out.pt"]
+
+
+def test_without_hard_links(
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
+) -> None:
+    def no_link(source: Any, target: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    out = tmp_path / "out.pt"
+    assert _cli.main(recompute_args(checkpoint, out)) == 0
+    cli_factories.make_model().load_state_dict(torch.load(out, weights_only=True))
+    assert files_in(tmp_path) == ["in.pt", "out.pt"]
+
+
+@POSIX_SIGNALS
+def test_output_permissions_follow_the_umask(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    umask = os.umask(0o027)
+    try:
+        assert _cli.main(recompute_args(checkpoint, tmp_path / "out.pt")) == 0
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.pt").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0o600
+
+
+def test_signal_handlers_during_a_command(
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
+) -> None:
+    signals: list[int] = [signal.SIGINT, signal.SIGTERM]
+    before = {signum: signal.getsignal(signum) for signum in signals}
+    during: list[dict[int, Any]] = []
+    library = _cli.recompute_bn_buffers
+
+    def spy(*args: Any, **kwargs: Any) -> precisebn.BNBuffers:
+        during.append({signum: signal.getsignal(signum) for signum in before})
+        return library(*args, **kwargs)
+
+    monkeypatch.setattr(_cli, "recompute_bn_buffers", spy)
+    assert _cli.main(recompute_args(checkpoint, tmp_path / "out.pt")) == 0
+    for signum, handler in during[0].items():
+        if before[signum] in (signal.default_int_handler, signal.SIG_DFL):
+            assert getattr(handler, "__func__", None) is _cli._Run.on_signal
+        else:  # someone else's handler, or SIG_IGN: left alone
+            assert handler is before[signum]
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+def test_a_signal_raises_once_and_not_during_the_commit() -> None:
+    run = _cli._Run()
+    with pytest.raises(KeyboardInterrupt):
+        run.on_signal(signal.SIGINT, None)
+    run.on_signal(signal.SIGTERM, None)  # a second signal lets the cleanup finish
+    run = _cli._Run()
+    with pytest.raises(_cli._Terminated):
+        run.on_signal(signal.SIGTERM, None)
+    run = _cli._Run()
+    run.committing = True  # the output is complete and moving into place: finish
+    run.on_signal(signal.SIGINT, None)
+    run.on_signal(signal.SIGTERM, None)

@@ -11,7 +11,7 @@ from torch import nn
 import precisebn
 
 from models import SmallCNN, tabular
-from reference import assert_same, snapshot
+from reference import assert_matches, assert_same, pooled_inputs, snapshot
 
 
 def batches(n: int = 3) -> list[torch.Tensor]:
@@ -114,12 +114,31 @@ def test_no_bn_layers_says_what_was_found() -> None:
         precisebn.recompute_bn_buffers(nn.Linear(2, 2), [torch.randn(4, 2)])
 
 
-def test_single_value_per_channel_names_the_layer() -> None:
+def test_a_batch_of_one_sample_is_skipped_with_a_warning() -> None:
     model = tabular()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"'0' got 1 value per channel \(input shape \(1, 6\)\)"):
-        precisebn.recompute_bn_buffers(model, [torch.randn(4, 6), torch.randn(1, 6)])
+    batches = [torch.randn(4, 6), torch.randn(5, 6), torch.randn(1, 6)]
+    with pytest.warns(UserWarning, match=r"batch 2: BatchNorm layer '0' got 1 value per channel"):
+        new = precisebn.recompute_bn_buffers(model, batches)
     assert_same(before, snapshot(model))
+    assert (new.num_batches, new.num_samples) == (2, 9)
+    assert_matches(new, pooled_inputs(model, batches[:2]))
+    with (
+        pytest.warns(UserWarning, match="skipped"),
+        pytest.raises(ValueError, match="every batch was skipped: BatchNorm layer '0' got 1 value"),
+    ):
+        precisebn.recompute_bn_buffers(model, [torch.randn(1, 6)])
+    assert_same(before, snapshot(model))
+
+
+def test_capture_refuses_and_update_skips_a_batch_of_one() -> None:
+    model = tabular()
+    with pytest.raises(ValueError, match=r"'0' got 1 value per channel \(input shape \(1, 6\)\)"):
+        precisebn.capture(model, torch.randn(1, 6))
+    stats = precisebn.init(precisebn.bn_buffers(model))
+    with pytest.warns(UserWarning, match="the batch was skipped"):
+        same = precisebn.update(stats, model, torch.randn(1, 6))
+    assert all(same[k].count.item() == 0 for k in stats)
 
 
 def test_integer_inputs_for_a_float_model() -> None:
@@ -149,9 +168,24 @@ def test_uninitialised_lazy_layer() -> None:
     assert_same(before, snapshot(model))
 
 
-def test_batch_without_an_input() -> None:
-    with pytest.raises(TypeError, match="batch of type dict"):
-        precisebn.recompute_bn_buffers(tabular(), [{"x": torch.randn(4, 6)}])
+def test_dict_batch_says_so_first_and_shows_forward() -> None:
+    model = tabular()
+    batch = {"pixel_values": torch.randn(4, 6), "labels": torch.randint(0, 3, (4,))}
+    with pytest.raises(TypeError) as info:
+        precisebn.recompute_bn_buffers(model, [batch])
+    first_line = str(info.value).splitlines()[0]
+    assert first_line.startswith("the batch is a dict")
+    assert "non-floating" not in str(info.value)
+    example = "forward=lambda model, batch: model(batch['pixel_values'])"
+    assert example in first_line
+    new = precisebn.recompute_bn_buffers(
+        model, [batch], forward=lambda model, batch: model(batch["pixel_values"])
+    )
+    assert new.num_batches == 1
+    with pytest.raises(TypeError, match=r"model\(\*\*\{k: v for k, v in batch.items\(\)"):
+        precisebn.recompute_bn_buffers(model, [{"a": torch.randn(4, 6), "b": torch.randn(4, 6)}])
+    with pytest.raises(TypeError, match="batch of type int"):
+        precisebn.recompute_bn_buffers(model, [3])
 
 
 def test_unknown_param_names() -> None:

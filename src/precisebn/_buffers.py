@@ -2,23 +2,55 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import collections
+import copy
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
 
+import optree
+import optree.registry
 import torch
+import torch.utils._pytree as torch_pytree
+from optree.utils import total_order_sorted
 from torch import Tensor, nn
 
 from precisebn._layers import STAT_NAMES, LayerSelector, buffer_key, find_bn_layers, tracks_stats
+
+# How many offending keys an error message names before summarising the rest.
+_KEYS_SHOWN = 5
 
 
 class BNBuffers(dict[str, Tensor]):
     """Recomputed buffers, keyed like ``model.named_buffers()``, plus what produced them.
 
-    A plain ``dict`` to every consumer (``load_state_dict``, ``functional_call``, optree);
-    the attributes say how much data the statistics pool.
+    A plain ``dict`` of tensors to every consumer: ``load_state_dict``, ``functional_call``,
+    optree and ``torch.utils._pytree`` (registered as pytree nodes that flatten like a dict
+    and rebuild a `BNBuffers`), and ``torch.save``. On disk it is a plain
+    ``collections.OrderedDict`` of tensors, what ``state_dict()`` itself saves, so
+    ``torch.load(f)`` (``weights_only=True``) loads it without precisebn installed. The
+    attributes live in memory only: ``pickle`` and ``torch.save`` drop them, while
+    ``copy.copy`` and ``copy.deepcopy`` keep them.
 
     Attributes:
         num_batches: batches run through the model.
         num_samples: sum of the leading dimension of each batch's first tensor.
+
+    Example:
+        >>> import io, optree, torch, precisebn
+        >>> new = precisebn.BNBuffers(
+        ...     {"1.running_mean": torch.zeros(4), "1.running_var": torch.ones(4)},
+        ...     num_batches=3,
+        ...     num_samples=48,
+        ... )
+        >>> doubled = optree.tree_map(lambda t: t * 2, new)
+        >>> doubled, doubled["1.running_var"].tolist()
+        (BNBuffers(1 layers, num_batches=3, num_samples=48), [2.0, 2.0, 2.0, 2.0])
+        >>> f = io.BytesIO()
+        >>> torch.save(new, f)
+        >>> _ = f.seek(0)
+        >>> type(torch.load(f)).__name__
+        'OrderedDict'
     """
 
     num_batches: int
@@ -36,6 +68,21 @@ class BNBuffers(dict[str, Tensor]):
             f"BNBuffers({len(self) // 2} layers, num_batches={self.num_batches}, "
             f"num_samples={self.num_samples})"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exactly what ``OrderedDict(self)`` reduces to, so the pickle names only
+        # ``collections.OrderedDict``: a global the weights-only unpickler allows.
+        return (collections.OrderedDict, (), None, None, iter(self.items()))
+
+    def __copy__(self) -> BNBuffers:
+        return BNBuffers(self, num_batches=self.num_batches, num_samples=self.num_samples)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BNBuffers:
+        out = BNBuffers({}, num_batches=self.num_batches, num_samples=self.num_samples)
+        memo[id(self)] = out
+        for key, value in self.items():
+            out[key] = copy.deepcopy(value, memo)
+        return out
 
 
 def bn_buffers(model: nn.Module, *, layers: LayerSelector = None) -> dict[str, Tensor]:
@@ -70,7 +117,7 @@ def apply_bn_buffers(model: nn.Module, buffers: Mapping[str, Tensor]) -> None:
 
     Raises:
         KeyError: a key names no BN running-statistics buffer of ``model``.
-        ValueError: a shape differs from the buffer's.
+        ValueError: a shape differs from the buffer's, or a value holds NaN or infinity.
 
     Example:
         >>> import torch, precisebn
@@ -90,6 +137,16 @@ def apply_bn_buffers(model: nn.Module, buffers: Mapping[str, Tensor]) -> None:
                 f"{key}: shape {tuple(value.shape)} does not match the buffer's "
                 f"{tuple(targets[key].shape)}"
             )
+    nonfinite = _nonfinite_keys(buffers)
+    if nonfinite:
+        shown = ", ".join(nonfinite[:_KEYS_SHOWN])
+        more = len(nonfinite) - _KEYS_SHOWN
+        raise ValueError(
+            f"non-finite (NaN or infinite) values in {shown}"
+            + (f" and {more} more" if more > 0 else "")
+            + "; non-finite statistics usually come from fp16/bf16 overflow or NaN inputs. "
+            "Nothing was written to the model."
+        )
     with torch.no_grad():
         for key, value in buffers.items():
             targets[key].copy_(value)
@@ -102,3 +159,114 @@ def _bn_stat_buffers(model: nn.Module) -> dict[str, Tensor]:
             for stat in STAT_NAMES:
                 out[buffer_key(name, stat)] = getattr(module, stat)
     return out
+
+
+def _nonfinite_keys(buffers: Mapping[str, Tensor]) -> list[str]:
+    """Keys whose value holds a NaN or infinity, with one host sync per device."""
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in buffers.items():
+        by_device.setdefault(value.device, []).append(key)
+    bad: set[str] = set()
+    for keys in by_device.values():
+        finite = torch.stack([torch.isfinite(buffers[k]).all() for k in keys]).tolist()
+        bad.update(k for k, ok in zip(keys, finite, strict=True) if not ok)
+    return [key for key in buffers if key in bad]
+
+
+# --- pytree registration -------------------------------------------------------------------
+#
+# Neither library looks through dict subclasses (both dispatch on the exact type), so a
+# BNBuffers would be one leaf. Each registration flattens it the way that library flattens
+# a dict, and unflattening rebuilds a BNBuffers with the same attributes. The attributes
+# are part of the tree structure: two results with different counts do not match.
+
+
+@dataclasses.dataclass(frozen=True)
+class _OptreeNode:
+    """optree metadata: compares like optree's dict node (on sorted keys) plus the counts.
+
+    ``order`` (insertion order) restores the original key order on unflattening, as
+    optree does for a dict, and like there takes no part in equality.
+    """
+
+    keys: tuple[str, ...]
+    num_batches: int
+    num_samples: int
+    order: tuple[str, ...] = dataclasses.field(compare=False, repr=False)
+
+
+def _optree_flatten(
+    buffers: BNBuffers,
+) -> tuple[list[Tensor], _OptreeNode, tuple[str, ...]]:
+    keys = tuple(total_order_sorted(buffers))
+    node = _OptreeNode(keys, buffers.num_batches, buffers.num_samples, order=tuple(buffers))
+    return [buffers[key] for key in keys], node, keys
+
+
+def _optree_unflatten(node: _OptreeNode, children: Iterable[Tensor]) -> BNBuffers:
+    by_key = dict(zip(node.keys, children, strict=True))
+    return BNBuffers(
+        {key: by_key[key] for key in node.order},
+        num_batches=node.num_batches,
+        num_samples=node.num_samples,
+    )
+
+
+# torch's context: (keys in insertion order, num_batches, num_samples), as torch's dict.
+_TorchContext = tuple[tuple[str, ...], int, int]
+
+
+def _torch_flatten(buffers: BNBuffers) -> tuple[list[Tensor], _TorchContext]:
+    return list(buffers.values()), (tuple(buffers), buffers.num_batches, buffers.num_samples)
+
+
+def _torch_flatten_with_keys(
+    buffers: BNBuffers,
+) -> tuple[list[tuple[torch_pytree.KeyEntry, Tensor]], _TorchContext]:
+    values, context = _torch_flatten(buffers)
+    keys = context[0]
+    keyed: list[tuple[torch_pytree.KeyEntry, Tensor]] = [
+        (torch_pytree.MappingKey(k), v) for k, v in zip(keys, values, strict=True)
+    ]
+    return keyed, context
+
+
+def _torch_unflatten(values: Any, context: _TorchContext) -> BNBuffers:
+    keys, num_batches, num_samples = context
+    return BNBuffers(
+        dict(zip(keys, values, strict=True)), num_batches=num_batches, num_samples=num_samples
+    )
+
+
+def _torch_to_dumpable(context: _TorchContext) -> list[Any]:
+    keys, num_batches, num_samples = context
+    return [list(keys), num_batches, num_samples]
+
+
+def _torch_from_dumpable(dumped: list[Any]) -> _TorchContext:
+    keys, num_batches, num_samples = dumped
+    return tuple(keys), int(num_batches), int(num_samples)
+
+
+# optree keeps its global namespace (the one ``tree_map`` uses when given none) behind a
+# private sentinel, which its own dataclasses and functools integrations import.
+_OPTREE_GLOBAL_NAMESPACE: str = getattr(optree.registry, "__GLOBAL_NAMESPACE", "precisebn")
+
+# optree types a node as ``Collection[T]`` with children ``T``: for a dict, T would be the
+# key type, so the value-typed functions below need the ignores.
+optree.register_pytree_node(
+    BNBuffers,
+    _optree_flatten,  # type: ignore[arg-type]
+    _optree_unflatten,  # type: ignore[arg-type]
+    path_entry_type=optree.MappingEntry,
+    namespace=_OPTREE_GLOBAL_NAMESPACE,
+)
+torch_pytree.register_pytree_node(
+    BNBuffers,
+    _torch_flatten,
+    _torch_unflatten,
+    serialized_type_name="precisebn.BNBuffers",
+    to_dumpable_context=_torch_to_dumpable,
+    from_dumpable_context=_torch_from_dumpable,
+    flatten_with_keys_fn=_torch_flatten_with_keys,
+)

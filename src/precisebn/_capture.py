@@ -1,58 +1,52 @@
 """Run batches statelessly and record the per-call moments of every recomputed BN input.
 
-The model runs under `torch.func.functional_call` with each recomputed layer's
-``running_mean`` replaced by a private *tag* tensor. A tag is a tensor subclass whose
-``__torch_function__`` sees only the calls that involve it: the layer's
-``torch.nn.functional.batch_norm`` call is replaced by a training-mode call on scratch
-buffers with momentum 1, so the kernel itself leaves the batch mean and unbiased variance
-in them. No other operation of the forward is intercepted, no extra pass is made over the
-activations, and nothing the caller owns is written to.
+The model runs under one `torch.func.functional_call` per run, which binds three kinds of
+private tensors and nothing else:
+
+- each recomputed layer's ``running_mean`` and ``running_var``: *tags*
+  (`precisebn._tags`) that hold a copy of the caller's values and intercept the layer's
+  batch-norm call;
+- every norm layer's ``num_batches_tracked``: a counter on the CPU (for a recomputed
+  layer, one entry of `Runner.calls`, which so counts the layer's calls);
+- every other buffer: a *guard* (`precisebn._guard`), which copies it on the forward's
+  first write.
+
+Parameters are the caller's (or the ``params=`` given) and are read only. When the run
+ends, also on error, the model's own tensors are back in place, attributes the forward
+set on its modules are restored, and the version counters of the model's tensors are
+checked: a write that went around every binding is reported, never passed over.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
+import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils._named_member_accessor import NamedMemberAccessor
 
 from precisebn._batches import Forward, default_forward
-from precisebn._direct import direct_momenta
+from precisebn._guard import Protection
 from precisebn._layers import STAT_NAMES, LayerSelector, buffer_key, find_bn_layers
 from precisebn._moments import Moments, Stats, from_batch, merge_layer
+from precisebn._tags import MEAN, Call, Sink, Tag, make_tag
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-_BATCH_NORM = inspect.signature(F.batch_norm)
-_NO_TORCH_FUNCTION = torch._C._disabled_torch_function_impl
+_FULL_WIDTH = (torch.float32, torch.float64)
+logger = logging.getLogger("precisebn")
 
 
 class Record:
-    """One intercepted call: the layer, its values per channel, its batch mean and variance."""
+    """One intercepted call: the call, and the rows its kernel wrote the batch moments into."""
 
-    __slots__ = ("count", "layer", "mean", "var")
+    __slots__ = ("call", "mean", "var")
 
-    def __init__(self, layer: str, count: int, mean: Tensor, var: Tensor) -> None:
-        self.layer, self.count, self.mean, self.var = layer, count, mean, var
-
-
-Rows = tuple[Tensor, Tensor]
-"""Zeroed ``(mean, var)`` vectors for the BN kernel to write one call's statistics into."""
-
-
-class Sink(Protocol):
-    """Where intercepted calls put their batch moments."""
-
-    def rows(
-        self, layer: str, count: int, channels: int, dtype: torch.dtype, device: torch.device
-    ) -> Rows:
-        """Rows for one call of ``layer`` over ``count`` values per channel, kept as its record."""
-        ...
+    def __init__(self, call: Call, mean: Tensor, var: Tensor) -> None:
+        self.call, self.mean, self.var = call, mean, var
 
 
 class RecordList:
@@ -60,67 +54,30 @@ class RecordList:
 
     def __init__(self) -> None:
         self.records: list[Record] = []
+        self.degenerate_calls: list[tuple[Call, tuple[int, ...]]] = []
 
-    def rows(
-        self, layer: str, count: int, channels: int, dtype: torch.dtype, device: torch.device
-    ) -> Rows:
-        mean, var = torch.zeros(2, channels, dtype=dtype, device=device).unbind(0)
-        self.records.append(Record(layer, count, mean, var))
+    def rows(self, call: Call, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        mean, var = torch.zeros(2, len(call.span), dtype=dtype, device=device).unbind(0)
+        self.records.append(Record(call, mean, var))
         return mean, var
 
-
-class _Tag(Tensor):
-    """A recomputed layer's stand-in ``running_mean``: intercepts that layer's BN call."""
-
-    layer: str
-    owner: Runner
-
-    @classmethod
-    def __torch_function__(
-        cls,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is F.batch_norm:
-            if len(args) == 3 and isinstance(args[1], _Tag):  # how F.batch_norm dispatches
-                get = kwargs.get
-                return _record_batch_norm(
-                    args[1], args[0], get("weight"), get("bias"), get("eps", 1e-5)
-                )
-            bound = _BATCH_NORM.bind(*args, **kwargs)
-            bound.apply_defaults()
-            call = bound.arguments
-            if isinstance(call["running_mean"], _Tag):
-                return _record_batch_norm(
-                    call["running_mean"], call["input"], call["weight"], call["bias"], call["eps"]
-                )
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+    def degenerate(self, call: Call, shape: tuple[int, ...]) -> None:
+        self.degenerate_calls.append((call, shape))
 
 
-def _record_batch_norm(
-    tag: _Tag, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> Tensor:
-    channels = x.shape[1]
-    count = x.numel() // channels
-    if count < 2:
-        raise ValueError(
-            f"BatchNorm layer '{tag.layer or '<model>'}' got {count} value per channel "
-            f"(input shape {tuple(x.shape)}); batch statistics need at least 2: use "
-            "batches of 2 or more samples"
-        )
-    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if x.dtype in _LOW_PRECISION:
-        # Mixed-precision kernel: half/bfloat16 input, float32 affine and statistics.
-        weight = weight.float() if weight is not None else None
-        bias = bias.float() if bias is not None else None
-    mean, var = tag.owner.sink.rows(tag.layer, count, channels, stat_dtype, x.device)
-    # The op under F.batch_norm, whose own checks (the count above) were done here. The
-    # kernel leaves the batch mean and unbiased variance in the rows (momentum 1).
-    return torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, tag.owner.cudnn)
+def collect(records: list[Record]) -> Stats:
+    """Per-layer moments of one batch's records (a reused layer's calls pooled).
+
+    A call over a slice of a layer's channels gives counts per channel: its count on the
+    channels it covers and 0 elsewhere.
+    """
+    stats: Stats = {}
+    for r in records:
+        call = r.call
+        moments = from_batch(call.count, r.mean, r.var, span=call.span, size=call.size)
+        old = stats.get(call.layer)
+        stats[call.layer] = moments if old is None else merge_layer(old, moments)
+    return stats
 
 
 T = TypeVar("T")
@@ -146,7 +103,9 @@ class Runner:
         named_buffers = dict(model.named_buffers())
         _check_names("params", params, named_params)
         _check_names("buffers", buffers, named_buffers)
-        state = {**named_params, **(params or {}), **named_buffers, **(buffers or {})}
+        self._params = dict(params or {})
+        self._buffers = {**named_buffers, **(buffers or {})}
+        state = {**named_params, **self._params, **self._buffers}
         self.bn_buffers = {
             buffer_key(name, s): state[buffer_key(name, s)]
             for name in self.layers
@@ -154,26 +113,23 @@ class Runner:
         }
         self.device = next(iter(state.values())).device if state else torch.device("cpu")
         self.floating_params = any(t.is_floating_point() for t in state.values())
+        self._watched = {**named_params, **self._params, **self._buffers}
+        self._overrides = bool(params or buffers)
         self.sink: Sink = RecordList()
         self.cudnn = torch.backends.cudnn.enabled
+        self.protection = Protection()
+        self.reads: dict[str, str] = {}
+        """Layers whose statistics the forward used outside their batch-norm call, and how."""
         # Each recomputed layer's num_batches_tracked, bound as a view of one CPU counter.
         self.calls = torch.zeros(len(self.layers), dtype=torch.long)
+        self._counters = _counters(model, state, self.layers, self.calls)
+        self.counters = [self.calls, *self._counters.values()]
         # The tags of this runner only: their interception is switched off in direct batches.
-        self._tag_type: type[_Tag] = type("_RunTag", (_Tag,), {})
+        self._tag_type: type[Tag] = type("_RunTag", (Tag,), {})
         self._intercepting = True
-        self.live = self._live_buffers()
-        full_width = self.live is not None and self.live.dtype in (torch.float32, torch.float64)
-        self.momenta = direct_momenta(self.layers) if full_width else None
-        # Bound for the whole run: the caller's overrides, the tags, and private copies of
-        # every buffer a forward might write to.
-        self._swap = {**(params or {}), **(buffers or {})}
-        self._overrides = bool(self._swap)
-        writable = _writable_buffers(model, state, self.layers, self.calls)
-        self._swap.update(writable)
-        self.counters = [self.calls] + [
-            t for k, t in writable.items() if k.endswith("num_batches_tracked")
-        ]
-        self._swap.update(self._tags())
+        self.live, self._stat_tensors = self._private_statistics()
+        self._caller_values = None if self.live is None else self.live.clone()
+        self._tags = self._make_tags()
         self._target, self._prefix = _unwrap_ddp(model)
         # Only under an initialised process group would SyncBatchNorm sync (or raise).
         syncing = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -181,37 +137,76 @@ class Runner:
             m for m in self.layers.values() if syncing and isinstance(m, nn.SyncBatchNorm)
         ]
 
-    def _live_buffers(self) -> Tensor | None:
-        """One ``[2, C]`` tensor behind every recomputed layer's bound running statistics.
+    def _private_statistics(self) -> tuple[Tensor | None, list[Tensor]]:
+        """The run's copies of the recomputed layers' statistics, behind the tags.
 
-        Written by the kernels in direct batches only; ``None`` where the layers' buffers do
-        not share one dtype and device.
+        Where the buffers share one float32 or float64 dtype and a device, one ``[2, C]``
+        tensor (``live``) holds them end to end, which direct batches let the kernels
+        update; otherwise one copy per buffer, and ``live`` is ``None``.
         """
         means = [self.bn_buffers[buffer_key(name, STAT_NAMES[0])] for name in self.layers]
-        if len({(m.dtype, m.device) for m in means}) != 1:
-            return None
-        size = sum(m.numel() for m in means)
-        return torch.zeros(2, size, dtype=means[0].dtype, device=means[0].device)
+        kinds = {(m.dtype, m.device) for m in means}
+        if len(kinds) == 1 and means[0].dtype in _FULL_WIDTH:
+            rows = [
+                torch.cat(
+                    [self.bn_buffers[buffer_key(n, s)].detach().flatten() for n in self.layers]
+                )
+                for s in STAT_NAMES
+            ]
+            live = torch.stack(rows)
+            return live, [live]
+        copies = [t.detach().clone() for t in self.bn_buffers.values()]
+        return None, copies
 
-    def _tags(self) -> dict[str, Tensor]:
-        """The tags (as ``running_mean``) and their ``running_var`` partners."""
-        keys = [tuple(buffer_key(name, s) for s in STAT_NAMES) for name in self.layers]
+    def _make_tags(self) -> dict[str, Tensor]:
+        """Tags over the private statistics, keyed like the buffers they stand for."""
         if self.live is not None:
-            sizes = [self.bn_buffers[mean_key].numel() for mean_key, _ in keys]
-            means, variances = (torch.split(row, sizes) for row in self.live.unbind(0))
+            sizes = [self.bn_buffers[buffer_key(n, STAT_NAMES[0])].numel() for n in self.layers]
+            parts = [torch.split(row, sizes) for row in self.live.unbind(0)]
+            data = {
+                buffer_key(n, s): parts[j][i]
+                for i, n in enumerate(self.layers)
+                for j, s in enumerate(STAT_NAMES)
+            }
         else:
-            means = tuple(torch.zeros_like(self.bn_buffers[k]) for k, _ in keys)
-            variances = tuple(torch.zeros_like(self.bn_buffers[k]) for _, k in keys)
+            data = dict(zip(self.bn_buffers, self._stat_tensors, strict=True))
         tags: dict[str, Tensor] = {}
-        for name, (mean_key, var_key), mean, var in zip(
-            self.layers, keys, means, variances, strict=True
-        ):
-            tag = mean.view_as(self.bn_buffers[mean_key]).as_subclass(self._tag_type)
-            assert isinstance(tag, _Tag)
-            tag.layer, tag.owner = name, self
-            tags[mean_key] = tag
-            tags[var_key] = var.view_as(self.bn_buffers[var_key])
+        for name in self.layers:
+            for stat in STAT_NAMES:
+                key = buffer_key(name, stat)
+                view = data[key].view_as(self.bn_buffers[key])
+                span = range(view.numel())
+                tags[key] = make_tag(
+                    self._tag_type, view, layer=name, stat=stat, span=span, owner=self
+                )
         return tags
+
+    def note_read(self, layer: str, operator: str) -> None:
+        self.reads.setdefault(layer, operator)
+
+    def refill(self) -> None:
+        """Put the caller's values back behind the tags (after a direct batch used them)."""
+        if self.live is not None and self._caller_values is not None:
+            self.live.copy_(self._caller_values)
+
+    def statistics_version(self) -> int:
+        """Sum of the version counters of the tensors behind the tags: it moves on any write."""
+        return sum(t._version for t in self._stat_tensors)
+
+    def written_layers(self) -> list[str]:
+        """The recomputed layers whose values behind the tags differ from the caller's."""
+        out = []
+        for name in self.layers:
+            tag = self._tags[buffer_key(name, MEAN)]
+            var = self._tags[buffer_key(name, STAT_NAMES[1])]
+            with torch._C.DisableTorchFunctionSubclass():
+                same = all(
+                    torch.equal(t.detach(), self.bn_buffers[buffer_key(name, s)].detach())
+                    for t, s in ((tag, STAT_NAMES[0]), (var, STAT_NAMES[1]))
+                )
+            if not same:
+                out.append(name)
+        return out
 
     def intercept(self, on: bool) -> None:
         """Switch this runner's tags' interception on (the default) or off (direct batches)."""
@@ -222,7 +217,7 @@ class Runner:
             delattr(self._tag_type, "__torch_function__")
         else:
             # How torch marks a subclass whose calls need no dispatch to Python.
-            setattr(self._tag_type, "__torch_function__", _NO_TORCH_FUNCTION)  # noqa: B010
+            setattr(self._tag_type, "__torch_function__", torch._C._disabled_torch_function_impl)  # noqa: B010
 
     def within(self, loop: Callable[[Step], T], *, sink: Sink) -> T:
         """Call ``loop(step)`` with the stateless state bound; return what it returns.
@@ -232,7 +227,15 @@ class Runner:
         batch costs about as much as a small model's forward); the model's own tensors are
         back in place when it returns, also on error.
         """
-        swap = self._swap
+        accessor = NamedMemberAccessor(self._target)
+        protection = Protection(rebind=lambda key, t: accessor.set_tensor(key, t))
+        protection.forbid(self._stat_tensors)
+        swap: dict[str, Tensor] = dict(self._params)
+        for key, tensor in self._buffers.items():
+            if key not in self._tags and key not in self._counters:
+                swap[key] = protection.guard(key.removeprefix(self._prefix), tensor)
+        swap.update(self._counters)
+        swap.update(self._tags)
         if self._prefix:
             swap = {k.removeprefix(self._prefix): v for k, v in swap.items()}
 
@@ -240,8 +243,11 @@ class Runner:
             return loop(lambda batch: self.forward(model, batch))
 
         holder = _Holder(self._target, body)
-        self.sink, self.cudnn = sink, torch.backends.cudnn.enabled
+        self.sink, self.cudnn, self.protection = sink, torch.backends.cudnn.enabled, protection
+        self.refill()
         self.intercept(True)
+        attributes = _attributes(self._target)
+        versions = {key: t._version for key, t in self._watched.items()}
         try:
             with _local_sync_bn(self._sync_bn):
                 result: T = torch.func.functional_call(
@@ -256,13 +262,51 @@ class Runner:
         finally:
             self.sink = RecordList()
             self.intercept(True)
+            _restore_attributes(attributes)
+            if protection.copied:
+                logger.debug(
+                    "buffers the forward wrote, copied on write: %s (%d bytes)",
+                    protection.copied,
+                    protection.copied_bytes,
+                )
+            _check_versions(self._watched, versions)
         return result
 
     def run(self, batch: Any) -> tuple[Any, Stats]:
         """Run ``batch`` through the model; return its output and the batch moments per layer."""
         sink = RecordList()
         out = self.within(lambda step: step(batch), sink=sink)
+        check_followed(self.reads, {r.call.layer for r in sink.records})
+        if sink.degenerate_calls:
+            call, shape = sink.degenerate_calls[0]
+            raise ValueError(one_value_message(call, shape))
         return out, collect(sink.records)
+
+
+def check_followed(reads: Mapping[str, str], recorded: set[str]) -> None:
+    """Raise for a layer whose statistics were used but whose batch-norm call was not seen.
+
+    Such a layer passes its buffers to the kernel in a form that the tags cannot follow
+    (an index tensor, ``index_select``, a copy), so its batches would be silently missing.
+    """
+    lost = [(layer, how) for layer, how in reads.items() if layer not in recorded]
+    if lost:
+        named = ", ".join(f"'{layer or '<model>'}' (used by {how})" for layer, how in lost[:5])
+        raise ValueError(
+            f"BatchNorm layer(s) {named}: the forward used the running statistics, but no "
+            "batch_norm call on them was seen. precisebn follows torch.nn.functional."
+            "batch_norm and torch.batch_norm calls that pass a layer's running_mean and "
+            "running_var, or the same basic slice of both (running_mean[:c]); pass such "
+            "views, or leave the layer out with layers="
+        )
+
+
+def one_value_message(call: Call, shape: tuple[int, ...]) -> str:
+    """Why a call with fewer than two values per channel gives no batch statistics."""
+    return (
+        f"BatchNorm layer '{call.layer or '<model>'}' got {call.count} value per channel "
+        f"(input shape {shape}); batch statistics need at least 2"
+    )
 
 
 class _Holder(nn.Module):
@@ -277,15 +321,6 @@ class _Holder(nn.Module):
         return self.body(self.model)
 
 
-def collect(records: list[Record]) -> Stats:
-    """Per-layer moments of one batch's records (a reused layer's calls pooled)."""
-    stats: Stats = {}
-    for r in records:
-        moments = from_batch(r.count, r.mean, r.var)
-        stats[r.layer] = merge_layer(stats[r.layer], moments) if r.layer in stats else moments
-    return stats
-
-
 def _check_names(
     what: str, given: Mapping[str, Tensor] | None, known: Mapping[str, Tensor]
 ) -> None:
@@ -294,21 +329,16 @@ def _check_names(
         raise ValueError(f"{what}= has names the model does not: {unknown[:8]}")
 
 
-def _writable_buffers(
-    model: nn.Module,
-    state: Mapping[str, Tensor],
-    chosen: Mapping[str, nn.Module],
-    calls: Tensor,
+def _counters(
+    model: nn.Module, state: Mapping[str, Tensor], chosen: Mapping[str, nn.Module], calls: Tensor
 ) -> dict[str, Tensor]:
-    """Private copies of the buffers that a training-mode forward of a norm layer updates.
+    """Private CPU counters for every norm layer's ``num_batches_tracked``.
 
-    ``num_batches_tracked`` as a CPU counter: momentum=None reads it back with
-    ``float()``, which on a device tensor would synchronise, and its value only scales
-    updates of running statistics that are never kept (in direct batches it is zeroed
-    first, so that the factor is 1). A recomputed layer's counter is its entry of
-    ``calls``, which so counts the layer's calls. The running statistics of norm
-    layers that are not recomputed: their own training-mode forward updates them, and
-    in training mode they only write them, so one copy serves the whole run.
+    On the CPU because ``momentum=None`` reads the counter back with ``float()``, which on a
+    device tensor would synchronise. A recomputed layer's counter is its entry of
+    ``calls``, zeroed before every batch, so that it counts the layer's calls (and a
+    momentum of ``None`` gives factor 1); another layer's starts at the caller's value
+    and counts on, as a copy of the model would.
     """
     out = {}
     index = {name: i for i, name in enumerate(chosen)}
@@ -317,10 +347,10 @@ def _writable_buffers(
             continue
         key = buffer_key(name, "num_batches_tracked")
         if key in state:
-            out[key] = calls[index[name]] if name in index else torch.zeros((), dtype=torch.long)
-        if name not in chosen:
-            for stat in STAT_NAMES:
-                out[buffer_key(name, stat)] = state[buffer_key(name, stat)].detach().clone()
+            if name in index:
+                out[key] = calls[index[name]]
+            else:
+                out[key] = state[key].detach().to("cpu", copy=True)
     return out
 
 
@@ -334,6 +364,46 @@ def _unwrap_ddp(model: nn.Module) -> tuple[nn.Module, str]:
     if isinstance(model, DistributedDataParallel):
         return model.module, "module."
     return model, ""
+
+
+_Attributes = list[tuple[nn.Module, dict[str, Any]]]
+
+
+def _attributes(model: nn.Module) -> _Attributes:
+    """Every module's attribute dictionary, shallowly copied."""
+    return [(m, dict(vars(m))) for m in model.modules()]
+
+
+def _restore_attributes(saved: _Attributes) -> None:
+    """Undo attributes the forward set, added or deleted on its modules.
+
+    A forward may keep state in plain attributes (spectral norm's ``weight``, a cache);
+    a copy of the model would keep it, the caller's model must not. Contents of mutable
+    attributes (a list appended to) are not restored.
+    """
+    for module, before in saved:
+        now = vars(module)
+        if now.keys() == before.keys() and all(now[k] is v for k, v in before.items()):
+            continue
+        for key in [k for k in now if k not in before]:
+            del now[key]
+        now.update(before)
+
+
+def _check_versions(tensors: Mapping[str, Tensor], versions: Mapping[str, int]) -> None:
+    """Report tensors of the model that were written in place during the run.
+
+    Buffers are bound as guards, which copy on write, so this catches what goes around
+    them: a parameter written in place, a buffer written through another reference.
+    """
+    changed = [key for key, t in tensors.items() if t._version != versions[key]]
+    if changed:
+        raise RuntimeError(
+            f"the forward wrote into the model's own tensor(s) {changed[:8]} in place during "
+            "the run, through a reference precisebn does not bind (precisebn copies buffers "
+            "on write, but parameters are read as they are): the model HAS changed. Make "
+            "the forward leave them alone, or pass copies with params= / buffers="
+        )
 
 
 @contextlib.contextmanager
@@ -368,9 +438,12 @@ def capture(
     """Run one batch statelessly; return the model output and each BN layer's batch moments.
 
     Every recomputed layer normalises with the batch statistics, as in training mode,
-    whatever its ``training`` flag; other modules run as the caller left them. Nothing is
-    written to the model or to ``params``/``buffers``. Autograd is left as the caller has
-    it, so the output can be differentiated; the moments are detached.
+    whatever its ``training`` flag; the output equals the model's own training-mode
+    forward bit for bit. Other modules run as the caller left them. Nothing is written to
+    the model or to ``params``/``buffers``: buffers the forward updates (spectral norm,
+    quantisation observers, counters) are copied on write. Autograd is left as the caller
+    has it, so the output can be differentiated; the moments are detached. Non-finite
+    values are returned as they are (`precisebn.finalize` refuses them).
 
     Args:
         model: the module whose structure is run.
@@ -383,7 +456,11 @@ def capture(
 
     Returns:
         ``(output, moments)`` where ``moments`` maps each layer that the batch reached to
-        its `Moments` (all calls of a reused layer pooled).
+        its `Moments` (all calls of a reused layer pooled; a call over a slice of the
+        channels gives counts per channel).
+
+    Raises:
+        ValueError: a recomputed layer got a single value per channel.
 
     Example:
         >>> import torch, precisebn

@@ -1,7 +1,8 @@
 """The ``precisebn`` command line: ``precisebn demo`` and ``precisebn recompute``.
 
 Results go to standard output; log messages and errors to standard error. An error
-exits with status 1 (2 for a command line argparse rejects) and writes nothing.
+exits with status 1 (2 for a command line argparse rejects) and writes nothing; so does
+SIGINT (status 130) or SIGTERM (status 143) before the output is complete.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import json
 import logging
 import math
 import os
+import secrets
+import signal
 import sys
-import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -27,7 +32,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from precisebn import __version__, _demo
-from precisebn._batches import Forward
+from precisebn._batches import BatchLayoutError, Forward
 from precisebn._buffers import BNBuffers
 from precisebn._recompute import recompute_bn_buffers
 
@@ -43,8 +48,16 @@ class CLIError(Exception):
     """A problem with the user's input: reported as one line, exit status 1."""
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived: like KeyboardInterrupt, it unwinds through every ``finally`` (so the
+    temporary file is removed) and past the ``except Exception`` around user code."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``precisebn`` command line; return the exit status.
+
+    SIGINT and SIGTERM stop a command with one line on stderr and status 128 + the signal
+    number (130, 143), not a traceback.
 
     Args:
         argv: the arguments after the program name (default: ``sys.argv[1:]``).
@@ -55,12 +68,73 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     command: Callable[[argparse.Namespace], int] = args.run
-    with _logging_to_stderr(verbosity=args.verbose):
+    with _logging_to_stderr(verbosity=args.verbose), _handling_signals() as run:
         try:
             return command(args)
         except CLIError as error:
             print(f"precisebn {args.command}: error: {error}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            return _stopped(args.command, "interrupted", signal.SIGINT, run)
+        except _Terminated:
+            return _stopped(args.command, "terminated (SIGTERM)", signal.SIGTERM, run)
+
+
+def _stopped(command: str, what: str, signum: int, run: _Run) -> int:
+    # Before the final rename nothing is in place: the output is written atomically.
+    written = "" if run.committing else "; nothing was written"
+    print(f"precisebn {command}: error: {what}{written}", file=sys.stderr)
+    return 128 + signum
+
+
+class _Run:
+    """One command run by `main`, as its signal handler and `_write` see it.
+
+    Attributes:
+        committing: `_write` has begun moving the finished output into place; from then on
+            a signal is ignored, since the work is done and the process is about to exit.
+        stopping: a signal has already raised; more of them must not cut the cleanup short.
+    """
+
+    def __init__(self) -> None:
+        self.committing = False
+        self.stopping = False
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGINT raises KeyboardInterrupt and SIGTERM `_Terminated`, once, before the commit."""
+        if self.committing or self.stopping:
+            return
+        self.stopping = True
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise _Terminated
+
+
+_RUN: ContextVar[_Run | None] = ContextVar("precisebn_cli_run", default=None)
+
+
+@contextlib.contextmanager
+def _handling_signals() -> Iterator[_Run]:
+    """Send SIGINT and SIGTERM to `_Run.on_signal` while a command runs, then restore.
+
+    Only in the main thread (the only one that may set handlers, and that receives signals),
+    and only over the default handlers: one that a program embedding `main` installed, or
+    SIG_IGN, is left alone.
+    """
+    run = _Run()
+    token = _RUN.set(run)
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        for signum, default in defaults.items():
+            if signal.getsignal(signum) is default:
+                previous[signum] = signal.signal(signum, run.on_signal)
+    try:
+        yield run
+    finally:
+        for restored, handler in previous.items():
+            signal.signal(restored, handler)
+        _RUN.reset(token)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,7 +383,10 @@ def _recompute(
             )
         except (ValueError, TypeError, RuntimeError, ImportError) as error:
             logger.debug("recomputing failed", exc_info=True)
-            raise CLIError(f"recomputing the statistics failed: {error}") from None
+            hint = ""
+            if isinstance(error, BatchLayoutError):
+                hint = " (here: --forward MODULE:FUNCTION, naming such a function)"
+            raise CLIError(f"recomputing the statistics failed: {error}{hint}") from None
     for warning in caught:
         logger.warning("%s", warning.message)
     return new
@@ -590,26 +667,66 @@ def _first(items: Sequence[str], shown: int = 3) -> str:
 
 
 def _write(content: Any, out: Path, *, overwrite: bool) -> None:
-    """Save ``content`` to ``out``: never over an existing file unless told, never partially."""
-    if overwrite:  # through a temporary file, so that a failed save leaves the old file intact
-        handle, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(content, file)
-            os.replace(tmp_name, out)
-        finally:
-            Path(tmp_name).unlink(missing_ok=True)
-        return
+    """Save ``content`` to ``out``: never over an existing file unless told, never partially.
+
+    The checkpoint goes to a hidden temporary file in the same directory, is flushed to disk,
+    and only then takes the name ``out`` in one atomic step: a hard link, which fails if
+    ``out`` appeared meanwhile (or, with ``overwrite``, ``os.replace``). An error, SIGINT or
+    SIGTERM removes the temporary file and leaves ``out`` as it was. SIGKILL (or a power
+    cut) cannot be caught: it may leave the temporary file ``.OUT.pt.*.tmp``, never a
+    partial ``out``.
+
+    Raises:
+        CLIError: ``out`` exists and not ``overwrite``, or the file cannot be written.
+    """
+    handle, tmp = _create_temporary(out)
     try:
-        file = out.open("xb")
-    except FileExistsError:
-        raise CLIError(f"--out {out} exists; choose another path or pass --overwrite") from None
-    try:
-        with file:
+        with os.fdopen(handle, "wb") as file:
             torch.save(content, file)
-    except BaseException:
-        out.unlink(missing_ok=True)
+            file.flush()
+            os.fsync(file.fileno())
+        run = _RUN.get()
+        if run is not None:
+            run.committing = True
+        _commit(tmp, out, overwrite=overwrite)
+    except CLIError:
         raise
+    except Exception as error:
+        logger.debug("writing failed", exc_info=True)
+        raise CLIError(
+            f"--out {out}: cannot write it: {type(error).__name__}: {_first_line(error)}"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _create_temporary(out: Path) -> tuple[int, Path]:
+    # Not tempfile.mkstemp: its files are private (0600), and the checkpoint should get
+    # the permissions the umask gives any new file, as a plain open() would.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise CLIError(f"--out {out}: cannot create a temporary file in {out.parent}")
+
+
+def _commit(tmp: Path, out: Path, *, overwrite: bool) -> None:
+    """Give the complete file ``tmp`` the name ``out`` atomically; the caller removes ``tmp``."""
+    exists = CLIError(f"--out {out} exists; choose another path or pass --overwrite")
+    if not overwrite:
+        try:
+            os.link(tmp, out)  # unlike os.replace, refuses a file that appeared meanwhile
+            return
+        except FileExistsError:
+            raise exists from None
+        except OSError:  # no hard links on this filesystem (FAT, some network mounts)
+            logger.debug("os.link failed; checking then replacing", exc_info=True)
+        if out.exists():
+            raise exists
+    os.replace(tmp, out)
 
 
 # ------------------------------------------------------------------------ summary

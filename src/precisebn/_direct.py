@@ -4,81 +4,153 @@ Intercepting a BN call costs a Python call (the tag's ``__torch_function__``), w
 small, BN-heavy model is a tenth of the forward. It is only needed for one number the
 kernel does not leave behind: how many values per channel the call saw. Everything else
 the kernel can write itself. In a *direct* batch the tags' interception is switched off,
-and each recomputed layer's stock training-mode forward updates the private running
-buffers bound for the run, which are zeroed before the batch: with its own momentum
-``m`` they then hold ``m`` times the batch mean and unbiased variance (``momentum=None``
-gives factor 1, as its ``num_batches_tracked`` counter is zeroed too), and the fold
-divides by ``m`` in float64.
+and each recomputed layer's batch-norm call updates the private statistics bound for the
+run, which are zeroed before the batch: with the update factor ``m`` its call passes (its
+momentum; ``momentum=None`` gives 1, as its ``num_batches_tracked`` counter is zeroed
+too) they then hold ``m`` times the batch mean and unbiased variance, and the fold divides
+by ``m`` in float64.
 
 The counts of a direct batch are those that intercepted batches of the same *signature*
 (tree structure, tensor shapes, dtypes and devices, other leaves by value) showed, which
 holds when a layer's input size is a function of the batch's shapes. A signature runs
-directly only after two intercepted batches of it agreed on every layer's count and number
-of calls, each layer called at most once, and the second of them ran under a watch for
-sizes that depend on values: an operator that PyTorch tags as having a data-dependent
-output (``nonzero``, boolean indexing, ``masked_select``, ``unique``, ``.item()``,
-``bool()`` of a tensor, a tensor used as an index) or a copy out to Python
-(``tolist``, ``numpy``). Such a forward stays intercepted; the check costs one batch run
-under two Python modes, once per signature.
+directly only after two intercepted batches of it agreed on every layer's count, update
+factor and number of calls, every call was a training-mode call with a non-zero factor
+whose count the layer's ``num_batches_tracked`` counter confirmed, each layer ran at most
+once, nothing read the statistics outside a batch-norm call, and the second batch ran
+under a watch for sizes that may change from batch to batch: an operator that PyTorch
+tags as having a data-dependent output (``nonzero``, boolean indexing, ``masked_select``,
+``unique``, ``.item()``, ``bool()`` of a tensor, a tensor used as an index), a copy out to
+Python (``tolist``, ``numpy``), or a draw from Python's ``random`` module or NumPy's
+generators.
 
-Every direct batch is checked as well: the counters bound as each layer's
-``num_batches_tracked`` say how often each layer ran. A batch whose calls differ (a layer
-skipped or reused) is run again intercepted, and its signature is not run directly again.
+Two checks follow the direct batches themselves:
+
+- every direct batch: the counters bound as each layer's ``num_batches_tracked`` say how
+  often each layer ran; a batch that skipped or repeated a layer ends the attempt;
+- one direct batch in every `VERIFY_EVERY`, at a random position drawn from a private
+  generator, runs intercepted instead and must show the counts its signature promised.
+  This catches a forward that changes sizes by itself (a crop drawn with Python's
+  ``random``): with a fraction ``p`` of batches whose counts differ, a run of ``D`` direct
+  batches misses it with probability about ``(1 - p / VERIFY_EVERY) ** D``.
+
+When a check fails, the run cannot know which earlier direct batches were wrong, so
+`recompute_bn_buffers` starts again with every batch intercepted (or raises, for a loader
+that cannot be iterated twice).
 """
 
 from __future__ import annotations
 
 import contextlib
-import numbers
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+import random
+import sys
+from collections.abc import Hashable, Iterable, Iterator
+from types import FrameType
 from typing import Any, NamedTuple
 
 import optree
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from precisebn._fold import Entry, Observed
+
 MAX_SIGNATURES = 64
 """Signatures tracked per run; batches of further new shapes are intercepted."""
+
+VERIFY_EVERY = 8
+"""One direct batch in this many runs intercepted, to check its counts (0: none)."""
 
 _DATA_DEPENDENT = frozenset({torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output})
 _COPIES_OUT = frozenset({Tensor.tolist, Tensor.numpy, Tensor.__array__})
 _SCALAR = torch.ops.aten._local_scalar_dense.default
 
 
-def direct_momenta(layers: Mapping[str, _BatchNorm]) -> list[float] | None:
-    """Each layer's update factor in a direct batch, or ``None`` if some layer rules it out.
-
-    Direct batches need every recomputed layer to run the stock ``_BatchNorm.forward`` in
-    training mode (so that its kernel updates the running buffers, with a known factor)
-    and a non-zero momentum. The runner also needs float32 or float64 buffers of one
-    dtype and device, to lay them end to end.
-    """
-    momenta: list[float] = []
-    for layer in layers.values():
-        if type(layer).forward is not _BatchNorm.forward or not layer.training:
-            return None
-        momentum = layer.momentum
-        if momentum is None:
-            momenta.append(1.0)  # factor 1/num_batches_tracked, and the counter is reset
-        elif isinstance(momentum, numbers.Real) and not isinstance(momentum, bool):
-            if momentum == 0:
-                return None
-            momenta.append(float(momentum))
-        else:
-            return None
-    return momenta
-
-
 class Known(NamedTuple):
-    """What the intercepted batches of one signature showed."""
+    """What the intercepted batches of one signature showed, and direct batches assume."""
 
-    counts: tuple[int, ...]
-    """Values per channel per layer (0: not reached)."""
+    entries: tuple[Entry, ...]
+    """Values per channel per layer (0: not reached), with the channels covered if not all."""
+    factors: tuple[float, ...]
+    """Per layer, the factor its call updates the running buffers with."""
     calls: Tensor
     """Calls per layer, as the ``num_batches_tracked`` counters count them."""
+
+    def agrees(self, other: Known) -> bool:
+        return (
+            self.entries == other.entries
+            and self.factors == other.factors
+            and torch.equal(self.calls, other.calls)
+        )
+
+
+def known_from(observed: Observed, calls: Tensor) -> Known | None:
+    """What a batch may promise its signature, or ``None`` where it rules direct batches out.
+
+    Each layer's counter must have counted exactly the calls intercepted (so that it
+    checks direct batches), at most one per layer, each in training mode, in the block's
+    dtype, with a non-zero update factor.
+    """
+    counted = tuple(int(c) for c in calls.tolist())
+    ok = (
+        observed.uniform
+        and counted == observed.calls
+        and max(counted, default=0) <= 1
+        and all(f != 0 for f, n in zip(observed.factors, counted, strict=True) if n)
+    )
+    return Known(observed.entries, observed.factors, calls.clone()) if ok else None
+
+
+def mismatch(known: Known, seen: Known | None, layers: list[str]) -> str:
+    """How a batch differed from what its signature promised, naming the first layer."""
+    if seen is None:
+        return "it could not run directly (a layer ran in eval mode, twice, or by hand)"
+    for i, name in enumerate(layers):
+        label = f"BatchNorm layer '{name or '<model>'}'"
+        if known.entries[i] != seen.entries[i]:
+            return (
+                f"{label} saw {_entry_text(seen.entries[i])} where earlier batches of the same "
+                f"shapes saw {_entry_text(known.entries[i])}"
+            )
+        if int(known.calls[i]) != int(seen.calls[i]):
+            return (
+                f"{label} ran {int(seen.calls[i])} time(s) where earlier batches of the same "
+                f"shapes ran it {int(known.calls[i])} time(s)"
+            )
+        if known.factors[i] != seen.factors[i]:
+            return f"{label}'s update factor changed from {known.factors[i]} to {seen.factors[i]}"
+    return "its calls differed"
+
+
+def _entry_text(entry: Entry) -> str:
+    if isinstance(entry, tuple):
+        count, span = entry
+        return f"{count} values per channel on channels {span.start}:{span.stop}"
+    return f"{entry} values per channel" if entry else "no call"
+
+
+class Verifier:
+    """Picks one direct batch in every `VERIFY_EVERY` to run intercepted, at random.
+
+    The generator is private and seeded, so a run draws nothing from Python's or torch's
+    global random state (a forward that draws from them sees the same numbers as without
+    precisebn) and picks the same batches every time.
+    """
+
+    def __init__(self, every: int | None = None, *, seed: int = 0) -> None:
+        self.every = VERIFY_EVERY if every is None else every
+        self._random = random.Random(seed)
+        self._left = 0
+        self._pick = -1
+
+    def due(self) -> bool:
+        """Whether the next batch that could run directly is to be verified instead."""
+        if self.every <= 0:
+            return False
+        if self._left == 0:
+            self._left, self._pick = self.every, self._random.randrange(self.every)
+        self._left -= 1
+        return self._left == self._pick
 
 
 class Signatures:
@@ -113,29 +185,22 @@ class Signatures:
         """Whether the next intercepted batch of ``key`` is to run under `ValueWatch`."""
         return key is not None and self._seen.get(key) is not None
 
-    def observe(self, key: Hashable | None, known: Known, *, value_dependent: bool) -> None:
-        """Record an intercepted batch of signature ``key`` (watched if `watching` said so)."""
+    def observe(self, key: Hashable | None, known: Known | None, *, value_dependent: bool) -> None:
+        """Record an intercepted batch of signature ``key`` (watched if `watching` said so);
+        ``known`` is ``None`` for a batch that rules direct batches out."""
         if key is None or key in self._ready:
             return
         if key not in self._seen:
             if len(self._seen) < MAX_SIGNATURES:
-                self._seen[key] = Known(known.counts, known.calls.clone())
+                self._seen[key] = known
             return
         first = self._seen[key]
         if first is None:  # already ruled out
             return
-        agreed = first.counts == known.counts and torch.equal(first.calls, known.calls)
-        if agreed and int(known.calls.max()) <= 1 and not value_dependent:
+        if known is not None and first.agrees(known) and not value_dependent:
             self._ready[key] = first
         else:
             self._seen[key] = None
-
-    def reject(self, key: Hashable | None) -> None:
-        """A direct batch of this signature called its layers otherwise: stop running it so."""
-        if key is None:
-            return
-        self._ready.pop(key, None)
-        self._seen[key] = None
 
 
 class ValueWatch:
@@ -158,12 +223,46 @@ class ValueWatch:
 
 @contextlib.contextmanager
 def watch_values(counters: Iterable[Tensor]) -> Iterator[ValueWatch]:
-    """Run the body under a `ValueWatch` (a function mode and a dispatch mode)."""
+    """Run the body under a `ValueWatch`: a function mode, a dispatch mode, and a profile
+    hook for draws from Python's or NumPy's random generators."""
     watch = ValueWatch(counters)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_Escapes(watch))
         stack.enter_context(_Dependent(watch))
+        stack.enter_context(_draws(watch))
         yield watch
+
+
+@contextlib.contextmanager
+def _draws(watch: ValueWatch) -> Iterator[None]:
+    """Note calls into Python's ``random`` module or NumPy's generators.
+
+    A forward that draws from them can size tensors with no tensor value involved (a crop
+    drawn with ``random.randint``), which no operator watch sees. Torch's own random
+    operators need no such care: a size drawn from them reaches Python through ``item()``
+    or ``tolist()``. Left out while another profiler holds the hook (the checks of direct
+    batches still run).
+    """
+    if sys.getprofile() is not None:
+        yield
+        return
+
+    def hook(frame: FrameType, event: str, arg: Any) -> None:
+        if watch.found is not None:
+            return
+        if event == "call" and frame.f_globals.get("__name__") == "random":
+            watch.found = f"random.{frame.f_code.co_name}"
+        elif event == "c_call":
+            owner = getattr(arg, "__self__", None)
+            module = type(owner).__module__ or ""
+            if isinstance(owner, random.Random) or module.startswith("numpy.random"):
+                watch.found = f"{type(owner).__name__}.{getattr(arg, '__name__', '?')}"
+
+    sys.setprofile(hook)
+    try:
+        yield
+    finally:
+        sys.setprofile(None)
 
 
 class _Escapes(TorchFunctionMode):

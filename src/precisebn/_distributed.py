@@ -7,13 +7,15 @@ batches or ranks:
    counts, and a fingerprint of the state's layout (layer names and channel counts).
    It has the same size on every rank, so a rank whose loader raised, or a state laid
    out differently, is reported on every rank before any variable-sized message is sent;
-2. ``[count, count * mean]`` of every layer: summed, the global count ``N`` and mean ``mu``;
+2. ``[count, count * mean]`` per channel of every layer, and a flag per layer saying
+   whether some rank keeps counts per channel (a layer whose buffers were sliced):
+   summed, the global count ``N`` and mean ``mu``;
 3. ``m2 + count * (mean - mu)**2`` of every layer: summed, the global sum of squared
    deviations from ``mu`` (the parallel-axis theorem; every term is non-negative, so
    the sum does not cancel).
 
 With ``L`` layers and ``C`` channels in all, each rank contributes
-``8 * (world + 4 + L + 2 * C)`` bytes; a ring all-reduce sends and receives about twice
+``8 * (world + 4 + L + 3 * C)`` bytes; a ring all-reduce sends and receives about twice
 that per rank. Every rank then derives its result from the same reduced tensors with the
 same operations, so the results are identical on every rank as long as the backend hands
 every rank the same reduced tensor (gloo's and NCCL's algorithms reduce each element once
@@ -119,20 +121,30 @@ def reduce_run(
         return {}, batches, samples
     device = _comm_device(stats, group)
     local = [Moments(*(t.to(device, _F64) for t in m)) for m in stats.values()]
-    first = torch.cat([m.count.reshape(1) for m in local] + [m.count * m.mean for m in local])
+    # Counts per channel, and per layer a flag: whether some rank kept them per channel.
+    per_channel = [m.count.expand_as(m.mean) for m in local]
+    flags = [torch.ones(1, dtype=_F64, device=device) * (m.count.dim() > 0) for m in local]
+    first = torch.cat(
+        per_channel + [n * m.mean for n, m in zip(per_channel, local, strict=True)] + flags
+    )
     dist.all_reduce(first, group=group)
-    counts, sums = first[: len(local)], _split(first[len(local) :], local)
+    channels = sum(m.mean.numel() for m in local)
+    counts = _split(first[:channels], local)
+    sums = _split(first[channels : 2 * channels], local)
+    vector = (first[2 * channels :] > 0).tolist()
     means = [s / n.clamp_min(1.0) for s, n in zip(sums, counts, strict=True)]
     deviations = [
-        m.m2 + m.count * (m.mean - mu).square() for m, mu in zip(local, means, strict=True)
+        m.m2 + n * (m.mean - mu).square()
+        for m, n, mu in zip(local, per_channel, means, strict=True)
     ]
     second = torch.cat(deviations)
     dist.all_reduce(second, group=group)
     out: Stats = {}
-    parts = zip(stats.items(), counts, means, _split(second, local), strict=True)
-    for (layer, m), n, mu, m2 in parts:
+    parts = zip(stats.items(), counts, vector, means, _split(second, local), strict=True)
+    for (layer, m), n, is_vector, mu, m2 in parts:
         where = m.mean.device
-        out[layer] = Moments(n.to(where), mu.to(where), m2.to(where))
+        count = n if is_vector else n[0]
+        out[layer] = Moments(count.to(where), mu.to(where), m2.to(where))
     return out, batches, samples
 
 

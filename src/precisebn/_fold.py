@@ -7,32 +7,58 @@ copy or merge per batch. Every ``K`` batches the block is added, in float64 and 
 vectorised reductions, to the run's sums per channel: the count, and the count-weighted
 deviations of the batch means and the sums of squared deviations, all taken about a fixed
 shift (the first rows' mean). The pooled mean and sum of squared deviations follow from
-them as from Chan et al.'s combination, up to float64 rounding. Calls that cannot use the
-block (a layer's second call in one batch, another dtype or device) are kept as
-records and merged per layer, exactly as `precisebn.update` does.
+them as from Chan et al.'s combination, up to float64 rounding. Counts are kept per
+channel, so a call over a slice of a layer's channels adds to those channels only. Calls
+that cannot use the block (a layer's second call in one batch, another dtype or device)
+are kept as records and merged per layer, exactly as `precisebn.update` does.
 
 A direct batch (see `precisebn._direct`) arrives as the run's live ``[2, C]`` buffers,
-which hold each layer's momentum times its moments: they are copied into the batch's row,
-and the pooling divides that row by the momenta in float64.
+which hold each layer's update factor times its moments: they are copied into the batch's
+row, and the pooling divides that row by the factors in float64.
+
+Pooling also notes, per channel, the first block whose sums stopped being finite, so that
+NaN or infinity is reported with the layer and the batches where it first appeared, at
+the cost of a few operations per block and one transfer at the end.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple, TypeAlias
 
 import torch
 from torch import Tensor
 
 from precisebn._capture import Record, collect
 from precisebn._layers import STAT_NAMES, buffer_key
-from precisebn._moments import Moments, Stats, merge
+from precisebn._moments import Moments, Stats, merge, nonfinite_message
+from precisebn._tags import Call
 
 BLOCK = 16
 """Batches held before pooling. The block holds ``BLOCK * 2 * C`` values in the statistics
 dtype (128 bytes per float32 channel), and pooling it briefly needs two float64 arrays of
 ``BLOCK * C``; neither depends on the number of batches. Pooling costs about fifteen small
 operations whatever the number of rows, so the block makes them rare."""
+
+Entry: TypeAlias = int | tuple[int, range]
+"""What one batch gave one layer: values per channel (0: not reached), with the channels
+covered when a call covered only some."""
+
+_NAMED = 5  # layers a non-finite error names
+
+
+class Observed(NamedTuple):
+    """What one intercepted batch showed, to decide whether its shapes may run directly."""
+
+    entries: tuple[Entry, ...]
+    """Per layer: values per channel, and the channels covered when not all."""
+    factors: tuple[float, ...]
+    """Per layer: the factor its call would update running buffers with (0: not reached)."""
+    calls: tuple[int, ...]
+    """Per layer: intercepted batch-norm calls."""
+    uniform: bool
+    """Every call was in training mode, in the block's dtype, one per layer at most."""
 
 
 class BlockFold:
@@ -43,12 +69,7 @@ class BlockFold:
     """
 
     def __init__(
-        self,
-        layers: list[str],
-        bn_buffers: Mapping[str, Tensor],
-        *,
-        max_batches: int,
-        momenta: list[float] | None = None,
+        self, layers: list[str], bn_buffers: Mapping[str, Tensor], *, max_batches: int
     ) -> None:
         means = [bn_buffers[buffer_key(name, STAT_NAMES[0])] for name in layers]
         self.layers = layers
@@ -71,65 +92,168 @@ class BlockFold:
             torch.zeros(channels, dtype=torch.float64, device=self.device) for _ in range(3)
         )
         self._shift: Tensor | None = None
+        self._first_bad = torch.full((channels,), -1, dtype=torch.long, device=self.device)
+        self._pools: list[tuple[int, int]] = []
         self.residual: Stats = {}
+        self._residual_bad: dict[str, tuple[Tensor, list[int]]] = {}
         self.k = 0
-        self.counts = [0] * len(layers)
-        self.batch_counts: list[tuple[int, ...]] = []
-        self.direct: list[bool] = []
-        self.extra: list[Record] = []
-        self._count_vectors: dict[tuple[int, ...], Tensor] = {}
-        self._weight_cache: dict[tuple[tuple[int, ...], bool], tuple[Tensor, Tensor]] = {}
-        self._unscale = _per_channel([1.0 / m for m in momenta or ()], self.sizes, self.device)
+        self._start_batch()
+        self.batch_entries: list[tuple[Entry, ...]] = []
+        self.batch_factors: list[tuple[float, ...] | None] = []
+        self.batch_index: list[int] = []
+        self.degenerate_call: tuple[Call, tuple[int, ...]] | None = None
+        self._sliced = [False] * len(layers)
+        self.recorded: set[str] = set()
+        """Layers that at least one intercepted call reached."""
+        self._weight_cache: dict[tuple[tuple[Entry, ...], tuple[float, ...] | None], _Weights] = {}
 
-    def rows(
-        self, layer: str, count: int, channels: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[Tensor, Tensor]:
-        i = self.index[layer]
-        if self.counts[i] or dtype != self.dtype or device != self.device:
-            mean, var = torch.zeros(2, channels, dtype=dtype, device=device).unbind(0)
-            self.extra.append(Record(layer, count, mean, var))
+    def _start_batch(self) -> None:
+        self.entries: list[Entry] = [0] * len(self.layers)
+        self.factors = [0.0] * len(self.layers)
+        self.ncalls = [0] * len(self.layers)
+        self.uniform = True
+        self.extra: list[Record] = []
+
+    # -------------------------------------------------------------- the sink protocol
+
+    def rows(self, call: Call, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        i = self.index[call.layer]
+        self.recorded.add(call.layer)
+        self.ncalls[i] += 1
+        if not call.training:
+            self.uniform = False
+        if self.ncalls[i] > 1 or dtype != self.dtype or device != self.device:
+            self.uniform = False
+            mean, var = torch.zeros(2, len(call.span), dtype=dtype, device=device).unbind(0)
+            self.extra.append(Record(call, mean, var))
             return mean, var
-        self.counts[i] = count
+        full = call.span == range(call.size)
+        self.entries[i] = call.count if full else (call.count, call.span)
+        self.factors[i] = call.factor
+        if not full:
+            self._sliced[i] = True
         slots = self.slots[self.k]
         if slots is None:
             mean_rows, var_rows = (torch.split(part, self.sizes) for part in self.block[self.k])
             slots = self.slots[self.k] = list(zip(mean_rows, var_rows, strict=True))
-        return slots[i]
+        mean, var = slots[i]
+        if full:
+            return mean, var
+        index = slice(call.span.start, call.span.stop, call.span.step)
+        return mean[index], var[index]
 
-    def end_direct(self, live: Tensor, counts: tuple[int, ...]) -> None:
-        """Close a direct batch: ``live`` holds ``momentum *`` its moments, ``counts`` its sizes."""
-        self._rows[self.k].copy_(live)
-        self.direct.append(True)
-        self.batch_counts.append(counts)
-        self.k += 1
-        if self.k == len(self._rows):
-            self._pool()
+    def degenerate(self, call: Call, shape: tuple[int, ...]) -> None:
+        if self.degenerate_call is None:
+            self.degenerate_call = (call, shape)
 
-    def end_batch(self) -> None:
-        """Close the current (intercepted) batch; pool the block when it is full."""
-        self.direct.append(False)
-        self.batch_counts.append(tuple(self.counts))
-        self.counts = [0] * len(self.layers)
+    # ------------------------------------------------------------------- batches
+
+    def discard_batch(self) -> None:
+        """Drop the current intercepted batch: nothing of it is pooled."""
+        self._rows[self.k].zero_()  # partial rows must not leave stale values behind
+        self.degenerate_call = None
+        self._start_batch()
+
+    def end_batch(self, index: int) -> Observed:
+        """Close the current intercepted batch (loader index ``index``); pool a full block."""
+        observed = Observed(
+            tuple(self.entries), tuple(self.factors), tuple(self.ncalls), self.uniform
+        )
+        self.batch_entries.append(observed.entries)
+        self.batch_factors.append(None)
+        self.batch_index.append(index)
         if self.extra:
-            self.residual = merge(self.residual, collect(self.extra))
-            self.extra = []
+            batch = collect(self.extra)
+            self.residual = merge(self.residual, batch)
+            self._note_residual(batch, index)
+        self._start_batch()
+        self._advance()
+        return observed
+
+    def end_direct(
+        self, live: Tensor, entries: tuple[Entry, ...], factors: tuple[float, ...], index: int
+    ) -> None:
+        """Close a direct batch: ``live`` holds ``factor *`` its moments, ``entries`` its sizes."""
+        self._rows[self.k].copy_(live)
+        self.batch_entries.append(entries)
+        self.batch_factors.append(factors)
+        self.batch_index.append(index)
+        self._advance()
+
+    def _advance(self) -> None:
         self.k += 1
         if self.k == len(self._rows):
             self._pool()
+
+    # -------------------------------------------------------------------- result
 
     def result(self) -> Stats:
-        """Per-layer moments of every batch closed so far."""
+        """Per-layer moments of every batch closed so far.
+
+        Raises:
+            ValueError: NaN or infinity reached a layer; the message names the layers and
+                the batches where it first appeared.
+        """
         self._pool()
+        self._check_finite()
         total = self._n.clamp_min(1.0)
         mean = self._s1 / total
         m2 = (self._q - self._s1 * mean).clamp_min_(0.0)
         if self._shift is not None:
             mean += self._shift
         stats = {
-            layer: Moments(self._n[a].clone(), mean[a:b], m2[a:b])
-            for layer, (a, b) in zip(self.layers, self.spans, strict=True)
+            layer: Moments(
+                self._n[a:b].clone() if self._sliced[i] else self._n[a].clone(),
+                mean[a:b],
+                m2[a:b],
+            )
+            for i, (layer, (a, b)) in enumerate(zip(self.layers, self.spans, strict=True))
         }
         return merge(stats, self.residual)
+
+    def _check_finite(self) -> None:
+        pools = self._first_bad.cpu()
+        residual = (
+            {
+                layer: (int(first), indices)
+                for layer, (first, indices) in zip(
+                    self._residual_bad,
+                    self._residual_bad.values(),
+                    strict=True,
+                )
+            }
+            if self._residual_bad
+            else {}
+        )
+        found: list[tuple[str, str | None]] = []
+        for layer, (a, b) in zip(self.layers, self.spans, strict=True):
+            segment = pools[a:b]
+            segment = segment[segment >= 0]
+            batches = []
+            if segment.numel():
+                batches.append(self._pools[int(segment.min())])
+            first, indices = residual.get(layer, (-1, []))
+            if first >= 0:
+                batches.append((indices[first], indices[first]))
+            if batches:
+                start, stop = min(batches)
+                found.append(
+                    (layer, f"batch {start}" if start == stop else f"batches {start}-{stop}")
+                )
+        if found:
+            raise ValueError(nonfinite_message(found[:_NAMED], more=max(0, len(found) - _NAMED)))
+
+    def _note_residual(self, batch: Stats, index: int) -> None:
+        """Note, without a transfer to the host, whether a layer's extra calls were finite."""
+        for layer, m in batch.items():
+            bad = ~(torch.isfinite(m.mean).all() & torch.isfinite(m.m2).all())
+            first, indices = self._residual_bad.setdefault(
+                layer, (torch.full((), -1, dtype=torch.long, device=m.mean.device), [])
+            )
+            first.copy_(torch.where(bad & (first < 0), len(indices), first))
+            indices.append(index)
+
+    # ------------------------------------------------------------------- pooling
 
     def _pool(self) -> None:
         """Add the block's rows to the run's sums and start the block afresh.
@@ -138,65 +262,71 @@ class BlockFold:
         keeps them well conditioned in float64: ``N = Σ n_k``, ``S = Σ n_k (mean_k - d)``
         and ``Q = Σ (n_k - 1) var_k + n_k (mean_k - d)^2``, so that the pooled mean is
         ``d + S / N`` and the sum of squared deviations ``Q - S^2 / N``. Rows of equal
-        counts and kind (intercepted or direct) form a group, normally one or two per
-        block, which adds with a few vectorised operations; direct rows are divided by the
-        momenta first. Rows are overwritten, not zeroed, by the next block (a weight of 0
-        meets only finite values there).
+        counts and factors are added as one group.
         """
         if self.k == 0:
             return
-        groups: dict[tuple[tuple[int, ...], bool], list[int]] = {}
-        for i, key in enumerate(zip(self.batch_counts, self.direct, strict=True)):
+        groups: dict[tuple[tuple[Entry, ...], tuple[float, ...] | None], list[int]] = {}
+        for i, key in enumerate(zip(self.batch_entries, self.batch_factors, strict=True)):
             groups.setdefault(key, []).append(i)
-        for (counts, direct), members in groups.items():
+        for key, members in groups.items():
             first, last = members[0], members[-1]
             if last - first + 1 == len(members):
                 part = self.block[first : last + 1]
             else:
                 part = self.block[torch.tensor(members, device=self.device)]
-            n, var_weight = self._weights(counts, direct)
+            weights = self._weights(key)
             means = part[:, 0].to(torch.float64, copy=True)  # worked on in place
-            if direct:
-                means.mul_(self._unscale)
+            if weights.unscale is not None:
+                means.mul_(weights.unscale)
             if self._shift is None:
                 self._shift = means.mean(0)
             deviations = means.sub_(self._shift)
-            self._s1.addcmul_(n, deviations.sum(0))
-            self._q.addcmul_(var_weight, part[:, 1].sum(0, dtype=torch.float64))
-            self._q.addcmul_(n, deviations.square_().sum(0))
-            self._n.add_(n, alpha=len(members))
-        self.k, self.batch_counts, self.direct = 0, [], []
+            self._s1.addcmul_(weights.n, deviations.sum(0))
+            self._q.addcmul_(weights.var, part[:, 1].sum(0, dtype=torch.float64))
+            self._q.addcmul_(weights.n, deviations.square_().sum(0))
+            self._n.add_(weights.n, alpha=len(members))
+        bad = ~(torch.isfinite(self._s1) & torch.isfinite(self._q))
+        self._first_bad.masked_fill_(bad & (self._first_bad < 0), len(self._pools))
+        self._pools.append((self.batch_index[0], self.batch_index[-1]))
+        self.k, self.batch_entries, self.batch_factors, self.batch_index = 0, [], [], []
 
-    def _weights(self, counts: tuple[int, ...], direct: bool) -> tuple[Tensor, Tensor]:
-        """Per channel: ``n``, and the weight of the summed row variances in ``Q``
-        (``n - 1``, over the momentum for direct rows)."""
-        key = (counts, direct)
+    def _weights(self, key: tuple[tuple[Entry, ...], tuple[float, ...] | None]) -> _Weights:
+        """Per channel: ``n``; the weight of the summed row variances in ``Q`` (``n - 1``,
+        over the factor for direct rows); and, for direct rows, ``1 / factor``."""
         weights = self._weight_cache.get(key)
         if weights is None:
-            n = self._count_vector(counts)
-            var_weight = (n - 1).clamp_min(0.0)
-            if direct:
-                var_weight = var_weight * self._unscale
-            weights = self._weight_cache[key] = (n, var_weight)
+            if len(self._weight_cache) >= 4 * BLOCK:  # many ragged shapes: stay bounded
+                self._weight_cache.clear()
+            entries, factors = key
+            n = _per_channel(entries, self.sizes, self.device)
+            var = (n - 1).clamp_min(0.0)
+            unscale = None
+            if factors is not None:
+                unscale = _per_channel(
+                    [1.0 / f if f else 1.0 for f in factors], self.sizes, self.device
+                )
+                var = var * unscale
+            weights = self._weight_cache[key] = _Weights(n, var, unscale)
         return weights
 
-    def _count_vector(self, counts: tuple[int, ...]) -> Tensor:
-        vector = self._count_vectors.get(counts)
-        if vector is None:
-            if len(self._count_vectors) >= 4 * BLOCK:  # many ragged shapes: stay bounded
-                self._count_vectors.clear()
-                self._weight_cache.clear()
-            vector = _per_channel(counts, self.sizes, self.device)
-            self._count_vectors[counts] = vector
-        return vector
+
+class _Weights(NamedTuple):
+    n: Tensor
+    var: Tensor
+    unscale: Tensor | None
 
 
-def _per_channel(values: Sequence[float], sizes: list[int], device: torch.device) -> Tensor:
-    """A float64 vector holding each layer's value on each of its channels."""
-    if not values:
-        return torch.zeros(0, dtype=torch.float64, device=device)
-    parts = [
-        torch.full((n,), v, dtype=torch.float64, device=device)
-        for n, v in zip(sizes, values, strict=True)
-    ]
-    return torch.cat(parts)
+def _per_channel(values: Sequence[Entry | float], sizes: list[int], device: torch.device) -> Tensor:
+    """A float64 vector holding each layer's value on each of its channels (on a sliced
+    entry's channels only, 0 on the others)."""
+    out = torch.zeros(sum(sizes), dtype=torch.float64)
+    offset = 0
+    for size, value in zip(sizes, values, strict=True):
+        if isinstance(value, tuple):
+            count, span = value
+            out[offset + span.start : offset + span.stop : span.step] = count
+        else:
+            out[offset : offset + size] = value
+        offset += size
+    return out.to(device)

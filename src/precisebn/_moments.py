@@ -15,15 +15,26 @@ from torch import Tensor
 
 from precisebn._layers import STAT_NAMES, buffer_key
 
-__all__ = ["Moments", "Stats", "finalize", "from_batch", "init", "merge", "merge_layer"]
+__all__ = [
+    "Moments",
+    "Stats",
+    "finalize",
+    "from_batch",
+    "init",
+    "merge",
+    "merge_layer",
+    "nonfinite_message",
+]
 
 
 class Moments(NamedTuple):
     """Pooled first and second moments of one layer's input, per channel.
 
     Attributes:
-        count: scalar float64 tensor, the number of values per channel ``N`` (batch
-            times spatial or sequence positions, summed over every call).
+        count: float64 tensor, the number of values per channel ``N`` (batch times
+            spatial or sequence positions, summed over every call): a scalar when every
+            channel saw the same values, ``[C]`` when calls covered slices of the
+            channels (a slimmable layer's ``running_mean[:c]``).
         mean: float64 tensor ``[C]``, the mean of those values.
         m2: float64 tensor ``[C]``, the sum of squared deviations from ``mean``;
             the unbiased variance is ``m2 / (count - 1)``.
@@ -62,14 +73,26 @@ def init(buffers: Mapping[str, Tensor]) -> Stats:
     return stats
 
 
-def from_batch(count: int, mean: Tensor, var: Tensor) -> Moments:
-    """Moments of ``count`` values per channel with batch ``mean`` and unbiased ``var``."""
+def from_batch(
+    count: int, mean: Tensor, var: Tensor, *, span: range | None = None, size: int | None = None
+) -> Moments:
+    """Moments of ``count`` values per channel with batch ``mean`` and unbiased ``var``.
+
+    With ``span`` (the channels of a layer of ``size`` channels that ``mean`` and ``var``
+    cover) not covering every channel, the moments are laid out over all ``size``
+    channels, with counts per channel: ``count`` on the span, 0 elsewhere.
+    """
     mean64 = mean.detach().to(torch.float64)
-    return Moments(
-        torch.full((), count, dtype=torch.float64, device=mean.device),
-        mean64,
-        var.detach().to(torch.float64) * (count - 1),
-    )
+    m2 = var.detach().to(torch.float64) * (count - 1)
+    full = torch.full((), count, dtype=torch.float64, device=mean.device)
+    if span is None or size is None or span == range(size):
+        return Moments(full, mean64, m2)
+    index = slice(span.start, span.stop, span.step)
+    out = torch.zeros(3, size, dtype=torch.float64, device=mean.device)
+    out[0, index] = full
+    out[1, index] = mean64
+    out[2, index] = m2
+    return Moments(out[0], out[1], out[2])
 
 
 def merge_layer(a: Moments, b: Moments) -> Moments:
@@ -110,13 +133,17 @@ def finalize(stats: Stats, *, like: Mapping[str, Tensor] | None = None) -> dict[
     Args:
         stats: the state to finalize.
         like: the current BN buffers. When given, each result takes the dtype and
-            device of the buffer it replaces, and a layer that saw fewer than two
-            values keeps a copy of its current buffers (with a warning naming it).
-            Without it, results are float64 and such layers are left out (with a warning).
+            device of the buffer it replaces, and a channel that saw fewer than two
+            values keeps its current value (with a warning naming the layer).
+            Without it, results are float64, a layer no channel of which saw two values is
+            left out, and such channels of other layers are NaN (with a warning).
 
     Returns:
         A new dict keyed ``"<layer>.running_mean"`` and ``"<layer>.running_var"``,
         sharing no storage with ``stats`` or ``like``.
+
+    Raises:
+        ValueError: a layer's moments hold NaN or infinity (named in the message).
 
     Example:
         >>> import torch, precisebn
@@ -127,29 +154,93 @@ def finalize(stats: Stats, *, like: Mapping[str, Tensor] | None = None) -> dict[
         >>> new["bn.running_mean"].item(), new["bn.running_var"].item()
         (1.0, 2.0)
     """
-    counts = [m.count.detach().to("cpu", torch.float64) for m in stats.values()]
-    reached = (torch.stack(counts) >= 2).tolist() if counts else []
+    layers = list(stats.items())
+    reached, partly, finite = _coverage(stats)
+    bad = [name for (name, _), ok in zip(layers, finite, strict=True) if not ok]
+    if bad:
+        raise ValueError(nonfinite_message([(name, None) for name in bad]))
     out: dict[str, Tensor] = {}
-    missing = []
-    for (layer, m), ok in zip(stats.items(), reached, strict=True):
+    missing, partial = [], []
+    for (layer, m), all_seen, some_seen in zip(layers, reached, partly, strict=True):
         mean_key, var_key = (buffer_key(layer, s) for s in STAT_NAMES)
-        if ok:
-            values = (m.mean, m.m2 / (m.count - 1))
-        elif like is not None:
+        if not some_seen:
             missing.append(layer)
+            if like is None:
+                continue
             values = (like[mean_key], like[var_key])
         else:
-            missing.append(layer)
-            continue
+            values = (m.mean, m.m2 / (m.count - 1))
+            if not all_seen:
+                partial.append(layer)
+                seen = m.count >= 2
+                olds = (like[mean_key], like[var_key]) if like is not None else (None, None)
+                values = (
+                    torch.where(seen, values[0], _old(olds[0], values[0])),
+                    torch.where(seen, values[1], _old(olds[1], values[1])),
+                )
         for key, value in zip((mean_key, var_key), values, strict=True):
             ref = like[key] if like is not None else value
             out[key] = value.detach().to(device=ref.device, dtype=ref.dtype, copy=True)
+    _warn_unreached(missing, partial, kept=like is not None)
+    return out
+
+
+def _coverage(stats: Stats) -> tuple[list[bool], list[bool], list[bool]]:
+    """Per layer, with one transfer to the host: whether every channel and whether some
+    channel saw two values or more, and whether the moments are finite."""
+    if not stats:
+        return [], [], []
+    flags = []
+    for m in stats.values():
+        seen = (m.count >= 2).expand_as(m.mean)
+        finite = torch.isfinite(m.mean).all() & torch.isfinite(m.m2).all()
+        flags.append(torch.stack([seen.all(), seen.any(), finite]).cpu())
+    table = torch.stack(flags).tolist()
+    return [row[0] for row in table], [row[1] for row in table], [row[2] for row in table]
+
+
+def _old(old: Tensor | None, new: Tensor) -> Tensor:
+    if old is None:
+        return torch.full_like(new, float("nan"))
+    return old.detach().to(device=new.device, dtype=new.dtype)
+
+
+def _warn_unreached(missing: list[str], partial: list[str], *, kept: bool) -> None:
     if missing:
-        kept = "keep their current buffers" if like is not None else "are left out of the result"
+        what = "keep their current buffers" if kept else "are left out of the result"
         warnings.warn(
-            f"{len(missing)} BatchNorm layer(s) saw no batch and {kept}: "
+            f"{len(missing)} BatchNorm layer(s) saw no batch and {what}: "
             + ", ".join(repr(name) for name in missing),
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return out
+    if partial:
+        what = "keep their current values" if kept else "are NaN"
+        warnings.warn(
+            f"{len(partial)} BatchNorm layer(s) had channels that no call covered (their "
+            f"buffers were only ever sliced), and those channels {what}: "
+            + ", ".join(repr(name) for name in partial),
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def nonfinite_message(layers: list[tuple[str, str | None]], *, more: int = 0) -> str:
+    """The error for NaN or infinity reaching recomputed layers.
+
+    Args:
+        layers: ``(layer, where)`` pairs, ``where`` saying in which batches (or ``None``).
+        more: how many further layers were affected.
+    """
+    named = ", ".join(
+        f"'{name or '<model>'}'" + (f" (first in {where})" if where else "")
+        for name, where in layers
+    )
+    extra = f" and {more} more" if more else ""
+    return (
+        f"non-finite values (NaN or infinity) reached BatchNorm layer(s) {named}{extra}; "
+        "no statistics were returned and the model is unchanged. In a float16 model or "
+        "under float16 autocast this is usually an overflow (float16 tops out at 65504): "
+        "run the recomputation in float32 or bfloat16, or scale the inputs down; "
+        "otherwise look for NaN or infinity in the data"
+    )

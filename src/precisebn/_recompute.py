@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import itertools
 import logging
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from precisebn._batches import Forward, integer_leaves, leading_size, place, to_device
+from precisebn._batches import (
+    BatchLayoutError,
+    Forward,
+    integer_leaves,
+    leading_size,
+    place,
+    to_device,
+)
 from precisebn._buffers import BNBuffers
-from precisebn._capture import RecordList, Runner, Step, collect
-from precisebn._direct import Known, Signatures, watch_values
+from precisebn._capture import (
+    RecordList,
+    Runner,
+    Step,
+    check_followed,
+    collect,
+    one_value_message,
+)
+from precisebn._direct import Known, Signatures, Verifier, known_from, mismatch, watch_values
 from precisebn._distributed import abandon, reduce_run, reduction_group
 from precisebn._fold import BlockFold
 from precisebn._layers import LayerSelector
@@ -37,7 +52,9 @@ def update(
     """Fold one batch into ``stats``: a new state; nothing is mutated.
 
     Records the layers that ``stats`` holds. The batch is moved to the model's device and
-    run without autograd; see `precisebn.capture` for the forward's semantics.
+    run without autograd; see `precisebn.capture` for the forward's semantics. A batch in
+    which a recomputed layer sees a single value per channel is skipped with a warning
+    (the state is returned unchanged).
 
     Example:
         >>> import torch, precisebn
@@ -52,6 +69,13 @@ def update(
     with torch.no_grad():
         sink = RecordList()
         runner.within(lambda step: _checked_step(runner, step, batch, index=0), sink=sink)
+    check_followed(runner.reads, {r.call.layer for r in sink.records})
+    if sink.degenerate_calls:
+        call, shape = sink.degenerate_calls[0]
+        warnings.warn(
+            f"the batch was skipped: {one_value_message(call, shape)}", UserWarning, stacklevel=2
+        )
+        return dict(stats)
     return merge(stats, collect(sink.records))
 
 
@@ -64,6 +88,8 @@ def _run_step(runner: Runner, step: Step, batch: Any, *, index: int) -> Any:
     """Run ``batch`` (on the model's device); explain integer-input failures."""
     try:
         return step(batch)
+    except BatchLayoutError:
+        raise
     except (RuntimeError, TypeError) as error:
         ints = integer_leaves(batch)
         if ints and runner.floating_params:
@@ -133,25 +159,33 @@ def recompute_bn_buffers(
         direct: run batches whose shapes were seen before without intercepting BN calls
             (see *How a run works* in the docs): the same numbers, with no Python call per
             BN call. It needs the per-layer counts to follow from the batch's shapes; the
-            run checks this on the first two batches of each shape, watches for sizes
-            read from tensor values, and checks which layers every direct batch ran.
-            Pass ``False`` for a forward that changes a layer's input size between batches
-            of equal shapes on its own, for instance by a random resize drawn with Python's
-            ``random`` module.
+            run checks this on the first two batches of each shape, watches for sizes read
+            from tensor values, checks which layers every direct batch ran, and runs one
+            direct batch in eight intercepted to compare its counts. When a check fails,
+            the run starts again with every batch intercepted, with a warning (a loader
+            that cannot be iterated twice raises instead). ``False`` intercepts every batch
+            from the start.
 
     Returns:
         BNBuffers: a ``dict`` keyed ``"<layer>.running_mean"`` and
         ``"<layer>.running_var"``, each with the dtype, device and shape of the buffer it
         replaces, sharing no storage with it; ``.num_batches`` and ``.num_samples`` say how
         much data was used (summed over the ranks when pooled). A layer no batch reached
-        keeps its buffers (with a warning; when pooled, the same on every rank).
+        keeps its buffers (with a warning; when pooled, the same on every rank). A batch in
+        which a recomputed layer sees a single value per channel (a last batch of one
+        sample) is skipped with a warning and not counted.
 
     Raises:
-        TypeError: ``loader`` is not iterable, or inputs are integers where floats are needed.
-        ValueError: no batches, no BN layers to recompute, a lazy BN layer, or a layer that
-            sees a single value per channel.
+        TypeError: ``loader`` is not iterable, inputs are integers where floats are
+            needed, or the default input handling finds no input in a batch (a dict).
+        ValueError: no batches (or every batch skipped), no BN layers to recompute, a lazy
+            BN layer, NaN or infinity reaching a recomputed layer (the message names the
+            layers and the batches), or a forward that uses the running statistics in a
+            way precisebn cannot follow.
         RuntimeError: when pooling, another rank's loader or forward raised (that rank
-            raises its own error; no rank waits for it).
+            raises its own error; no rank waits for it); a check of direct batches failed
+            on a loader that cannot be iterated again; or the forward wrote into the
+            model's parameters in place.
 
     Example:
         >>> import torch, precisebn
@@ -169,78 +203,173 @@ def recompute_bn_buffers(
     runner = Runner(model, layers=layers, params=params, buffers=buffers, forward=forward)
     group = reduction_group(process_group) if distributed else None
     try:
-        stats, used, samples = _accumulate(
-            runner, loader, num_batches=num_batches, progress=progress, direct=direct
-        )
+        run = _accumulate(runner, loader, num_batches=num_batches, progress=progress, direct=direct)
     except Exception:
         if group is not None:  # the other ranks raise too, instead of waiting for this one
             abandon(init(runner.bn_buffers), group=group)
         raise
+    stats, used, samples = run.stats, run.batches, run.samples
     if group is not None:
         stats, used, samples = reduce_run(stats, batches=used, samples=samples, group=group)
     if used == 0:
-        raise ValueError("the loader yielded no batches" + (" on any rank" if group else ""))
+        where = " on any rank" if group else ""
+        if run.skipped:
+            raise ValueError(f"every batch was skipped{where}: {run.skipped[0][1]}")
+        raise ValueError(f"the loader yielded no batches{where}")
     logger.info(
         "recomputed %d BatchNorm layers over %d batches (%d samples)", len(stats), used, samples
     )
     return BNBuffers(finalize(stats, like=runner.bn_buffers), num_batches=used, num_samples=samples)
 
 
+class _Run(NamedTuple):
+    stats: Stats
+    batches: int
+    samples: int
+    skipped: list[tuple[int, str]]
+    """Batches skipped for one value per channel: loader index and why."""
+
+
+class _RestartError(Exception):
+    """A check of direct batches failed: the attempt's statistics cannot be trusted."""
+
+
 def _accumulate(
     runner: Runner, loader: Iterable[Any], *, num_batches: int, progress: bool, direct: bool
-) -> tuple[Stats, int, int]:
-    """Fold up to ``num_batches`` batches of ``loader``: the state, batches and samples used."""
+) -> _Run:
+    """Fold up to ``num_batches`` batches of ``loader``, starting again if direct batches
+    turn out to be unsafe."""
+    batches = _iterate(loader)
+    expected = _expected_batches(loader, num_batches)
     try:
-        batches = iter(loader)
+        run = _attempt(runner, batches, expected=expected, progress=progress, direct=direct)
+    except _RestartError as failed:
+        if batches is loader:  # an iterator: what was read is gone
+            raise RuntimeError(
+                f"a check of direct batches failed: {failed}. The loader is an iterator that "
+                "cannot be read again, so the run cannot start over with every batch "
+                "intercepted: pass direct=False (or a loader that can be iterated twice, "
+                "such as a list or a DataLoader)"
+            ) from None
+        warnings.warn(
+            f"a check of direct batches failed: {failed}. The run started again with every "
+            "batch intercepted; pass direct=False to skip the first attempt",
+            UserWarning,
+            stacklevel=3,
+        )
+        run = _attempt(runner, _iterate(loader), expected=expected, progress=progress, direct=False)
+    if run.skipped:
+        shown = "; ".join(f"batch {i}: {why}" for i, why in run.skipped[:3])
+        more = f" and {len(run.skipped) - 3} more" if len(run.skipped) > 3 else ""
+        warnings.warn(
+            f"{len(run.skipped)} batch(es) skipped ({shown}{more}); their values are not "
+            "pooled, because later layers would have seen degenerate inputs. A last batch "
+            "of one sample is the usual cause: drop_last=True avoids it",
+            UserWarning,
+            stacklevel=3,
+        )
+    return run
+
+
+def _iterate(loader: Iterable[Any]) -> Iterator[Any]:
+    try:
+        return iter(loader)
     except TypeError:
         raise TypeError(
             f"loader must be an iterable of batches, got {type(loader).__name__}"
         ) from None
-    expected = _expected_batches(loader, num_batches)
-    chosen: Iterator[Any] = itertools.islice(batches, num_batches)
+
+
+def _attempt(
+    runner: Runner, batches: Iterator[Any], *, expected: int, progress: bool, direct: bool
+) -> _Run:
+    """One pass over up to ``expected`` batches; raises `_RestartError` when a check of direct
+    batches fails."""
+    chosen: Iterator[Any] = itertools.islice(batches, expected)
     if progress:
         chosen = _progress_bar(chosen, total=expected)
-    fold = BlockFold(
-        list(runner.layers),
-        runner.bn_buffers,
-        max_batches=max(expected, 1),
-        momenta=runner.momenta,
-    )
-    signatures = Signatures(enabled=direct and runner.momenta is not None)
-    live, calls = runner.live, runner.calls
+    fold = BlockFold(list(runner.layers), runner.bn_buffers, max_batches=max(expected, 1))
+    signatures = Signatures(enabled=direct and runner.live is not None)
+    verifier = Verifier()
+    live, calls, layers = runner.live, runner.calls, list(runner.layers)
+    runner.reads.clear()
 
-    def loop(step: Step) -> tuple[int, int]:
-        used = samples = 0
+    def loop(step: Step) -> _Run:
+        used = samples = direct_batches = 0
+        skipped: list[tuple[int, str]] = []
+        dirty = False  # the private statistics hold a direct batch's sums, not the caller's
         for index, raw in enumerate(chosen):
             batch, leaves, spec = place(raw, runner.device)
-            used, samples = index + 1, samples + leading_size(leaves)
             key, known = signatures.lookup(leaves, spec)
-            if known is not None and live is not None:
-                # Direct: the kernels update the zeroed live buffers themselves.
+            if known is not None and live is not None and not verifier.due():
+                # Direct: the kernels update the zeroed private statistics themselves.
                 live.zero_()
                 calls.zero_()
+                dirty = True
                 runner.intercept(False)  # on again for the next intercepted batch
                 _run_step(runner, step, batch, index=index)
-                if torch.equal(calls, known.calls):
-                    fold.end_direct(live, known.counts)
-                    continue
-                signatures.reject(key)  # a layer skipped or reused: run it intercepted
+                if not torch.equal(calls, known.calls):
+                    seen = Known(known.entries, known.factors, calls.clone())
+                    raise _RestartError(f"in batch {index}, " + mismatch(known, seen, layers))
+                fold.end_direct(live, known.entries, known.factors, index)
+                used, samples, direct_batches = (
+                    used + 1,
+                    samples + leading_size(leaves),
+                    direct_batches + 1,
+                )
+                continue
             runner.intercept(True)
+            if dirty:
+                runner.refill()
+                dirty = False
             calls.zero_()
-            if signatures.watching(key):
+            version = runner.statistics_version()
+            if signatures.watching(key) and known is None:
                 with watch_values(runner.counters) as watch:
                     _run_step(runner, step, batch, index=index)
                 dependent = watch.found is not None
             else:
                 _run_step(runner, step, batch, index=index)
                 dependent = False
-            signatures.observe(key, Known(tuple(fold.counts), calls), value_dependent=dependent)
-            fold.end_batch()
-        return used, samples
+            if runner.statistics_version() != version:
+                raise ValueError(_written_message(runner.written_layers()))
+            if fold.degenerate_call is not None:
+                call, shape = fold.degenerate_call
+                skipped.append((index, one_value_message(call, shape)))
+                fold.discard_batch()
+                continue
+            observed = known_from(fold.end_batch(index), calls)
+            used, samples = used + 1, samples + leading_size(leaves)
+            if runner.reads:
+                signatures.enabled = False
+                if direct_batches:
+                    layer, how = next(iter(runner.reads.items()))
+                    raise _RestartError(
+                        f"in batch {index}, BatchNorm layer '{layer or '<model>'}''s running "
+                        f"statistics were read outside its batch_norm call ({how})"
+                    )
+            if known is not None:  # a verification batch
+                if observed is None or not known.agrees(observed):
+                    raise _RestartError(f"in batch {index}, " + mismatch(known, observed, layers))
+            else:
+                signatures.observe(key, observed, value_dependent=dependent)
+        check_followed(runner.reads, fold.recorded)
+        return _Run({}, used, samples, skipped)
 
     with torch.no_grad():
-        used, samples = runner.within(loop, sink=fold)
-    return fold.result(), used, samples
+        run = runner.within(loop, sink=fold)
+    return run._replace(stats=fold.result())
+
+
+def _written_message(layers: list[str]) -> str:
+    named = ", ".join(repr(name or "<model>") for name in layers) or "(unknown)"
+    return (
+        f"the running statistics of BatchNorm layer(s) {named} were written outside their "
+        "batch_norm call, through a tensor derived from them that precisebn could not "
+        "follow (for instance running_mean.view(...) passed to batch_norm); precisebn follows "
+        "batch_norm calls on a layer's own running_mean and running_var or on basic slices "
+        "of them (running_mean[:c])"
+    )
 
 
 def _expected_batches(loader: Iterable[Any], num_batches: int) -> int:
