@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -131,6 +132,7 @@ class Runner:
         self._caller_values = None if self.live is None else self.live.clone()
         self._tags = self._make_tags()
         self._target, self._prefix = _unwrap_ddp(model)
+        self._compiled = _has_compiled_parts(model)
         # Only under an initialised process group would SyncBatchNorm sync (or raise).
         syncing = torch.distributed.is_available() and torch.distributed.is_initialized()
         self._sync_bn = [
@@ -249,7 +251,7 @@ class Runner:
         attributes = _attributes(self._target)
         versions = {key: t._version for key, t in self._watched.items()}
         try:
-            with _local_sync_bn(self._sync_bn):
+            with _local_sync_bn(self._sync_bn), _eager(self._compiled):
                 result: T = torch.func.functional_call(
                     holder,
                     {f"model.{k}": v for k, v in swap.items()},
@@ -404,6 +406,30 @@ def _check_versions(tensors: Mapping[str, Tensor], versions: Mapping[str, int]) 
             "on write, but parameters are read as they are): the model HAS changed. Make "
             "the forward leave them alone, or pass copies with params= / buffers="
         )
+
+
+def _has_compiled_parts(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule is a ``torch.compile`` wrapper (``OptimizedModule``)."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled in this process
+        return False
+    return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
+
+
+@contextlib.contextmanager
+def _eager(compiled: bool) -> Iterator[None]:
+    """Run ``torch.compile``d parts eagerly during the run.
+
+    Compiled code would trace the tags' Python handlers and recompile for every new
+    guard value; the eager forward computes the same function, and precise BN needs no
+    graph. Needs ``torch.compiler.set_stance`` (torch 2.6 or newer); older versions
+    compile as usual.
+    """
+    stance = getattr(torch.compiler, "set_stance", None)
+    if not compiled or stance is None:
+        yield
+        return
+    with stance("force_eager"):
+        yield
 
 
 @contextlib.contextmanager

@@ -332,7 +332,7 @@ def _attempt(
                 _run_step(runner, step, batch, index=index)
                 dependent = False
             if runner.statistics_version() != version:
-                raise ValueError(_written_message(runner.written_layers()))
+                raise ValueError(_written_message(runner.written_layers() or list(runner.reads)))
             if fold.degenerate_call is not None:
                 call, shape = fold.degenerate_call
                 skipped.append((index, one_value_message(call, shape)))
