@@ -23,7 +23,7 @@ import os
 import resource
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -78,8 +78,13 @@ def _peak_growth(method: str, model: torch.nn.Module, n: int) -> tuple[float, st
 
 def _tensor_peak(method: str, model: torch.nn.Module, n: int) -> float:
     """Most MiB of tensors allocated during one call and alive at the same time."""
+    return peak_tensor_mib(lambda: METHODS[method](model, LazyBatches(n)))  # type: ignore[arg-type]
+
+
+def peak_tensor_mib(call: Callable[[], object]) -> float:
+    """Most MiB of tensors allocated during ``call()`` and alive at the same time."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        METHODS[method](model, LazyBatches(n))  # type: ignore[arg-type]
+        call()
     records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
     for record in sorted(records, key=lambda e: e.start_ns()):

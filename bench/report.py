@@ -129,6 +129,45 @@ def scaling_tables(scaling: dict[str, Any]) -> str:
     return first + f"\n\n{ch['workload']}\n\n" + _table(header, rows)
 
 
+def guarantees_tables(data: dict[str, Any]) -> str:
+    """Buffer memory, the speed of checked direct batches, and how often the check fires."""
+    header = ["model", "buffers (MiB)", "written by the forward (MiB)", "floor tensors (MiB)"]
+    header += ["precisebn tensors (MiB)", "precisebn - floor (MiB)"]
+    rows = [
+        [
+            r["model"],
+            f"{r['buffers_mib']:.1f}",
+            f"{r['written_mib']:.1f}",
+            f"{r['floor_mib']:.2f}",
+            f"{r['precisebn_mib']:.2f}",
+            f"{r['precisebn_mib'] - r['floor_mib']:.2f}",
+        ]
+        for r in data["buffers"]
+    ]
+    memory = _table(header, rows)
+    names = ["precisebn", "no verification", "all intercepted"]
+    header = ["workload", "batches", *(f"{n} / floor" for n in names), "verification costs"]
+    rows = []
+    for row in data["speed"]:
+        ms = row["methods"]
+        ratios = [ms[n]["ratio_to_floor"] for n in names]
+        cells = [row["workload"], str(row["num_batches"])]
+        cells += [
+            f"{r:.3f} ({ms[n]['ratio_min']:.2f}-{ms[n]['ratio_max']:.2f})"
+            for n, r in zip(names, ratios, strict=True)
+        ]
+        cells.append(f"{(ratios[0] - ratios[1]) * 100:+.1f} points")
+        rows.append(cells)
+    speed = _table(header, rows)
+    header = ["batches with another size", "runs", "noticed", "1 - (1 - p)^V"]
+    rows = [
+        [f"{r['rate']:.0%}", str(r["runs"]), f"{r['caught']:.0%}", f"{r['expected']:.0%}"]
+        for r in data["detection"]
+    ]
+    detection = _table(header, rows)
+    return f"{memory}\n\n{speed}\n\n{detection}"
+
+
 def plots(results: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     """Speed and scaling PNGs; an empty list without matplotlib (the optional bench extra)."""
     try:
@@ -171,6 +210,34 @@ def _save(fig: Any, ax: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _guarantees_part(results: dict[str, Any]) -> list[str]:
+    data = results.get("guarantees")
+    if data is None:
+        return ["Not in this run.", ""]
+    every, n = data["verify_every"], data["num_batches"]
+    return [
+        "See [Guarantees](guarantees.md) for what is promised. Three figures, from "
+        "`bench/guarantees.py`:",
+        "",
+        "1. **Buffers the forward writes are copied, the rest are not.** Peak of live tensor "
+        "bytes of one run (profiler allocation records) on a BN MLP that keeps a "
+        f"{64} MiB table it only reads, and on the same model when its forward also adds "
+        "into a buffer of that size. Copying every buffer would add the buffers' size to "
+        "both rows; copy on write adds only what the forward writes.",
+        "2. **Checked direct batches.** The default run (one direct batch in "
+        f"{every} run intercepted to check its counts) against the same run without the "
+        "check and with every batch intercepted, side by side with the floor.",
+        f"3. **How often the check fires.** Runs over {n} batches of a model that silently "
+        "changes a layer's input size (by a rule no watch sees) on a random fraction p of "
+        "its batches, with a loader that can be read once, so that noticing raises. "
+        f"V = {(n - 2) / every:.1f} verified batches; the last column is the chance of "
+        "noticing if every verified batch had probability p.",
+        "",
+        guarantees_tables(data),
+        "",
+    ]
 
 
 def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str:
@@ -239,6 +306,9 @@ def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str
         "",
         scaling_tables(results["scaling"]),
         "",
+        "## What the guarantees cost",
+        "",
+        *_guarantees_part(results),
         "## GPU",
         "",
         results.get("gpu_note", "Not run: `python bench/gpu.py` on a CUDA machine."),

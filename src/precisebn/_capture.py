@@ -192,7 +192,10 @@ class Runner:
             self.live.copy_(self._caller_values)
 
     def statistics_version(self) -> int:
-        """Sum of the version counters of the tensors behind the tags: it moves on any write."""
+        """Sum of the version counters of the tensors behind the tags: it moves on any write
+        through an operator that declares it (the kernels of batch norm do not)."""
+        if self.live is not None:
+            return int(self.live._version)
         return sum(t._version for t in self._stat_tensors)
 
     def written_layers(self) -> list[str]:

@@ -20,8 +20,8 @@ once, nothing read the statistics outside a batch-norm call, and the second batc
 under a watch for sizes that may change from batch to batch: an operator that PyTorch
 tags as having a data-dependent output (``nonzero``, boolean indexing, ``masked_select``,
 ``unique``, ``.item()``, ``bool()`` of a tensor, a tensor used as an index), a copy out to
-Python (``tolist``, ``numpy``), or a draw from Python's ``random`` module or NumPy's
-generators.
+Python (``tolist``, ``numpy``), or a draw from Python's or NumPy's global random
+generator.
 
 Two checks follow the direct batches themselves:
 
@@ -44,7 +44,6 @@ import contextlib
 import random
 import sys
 from collections.abc import Hashable, Iterable, Iterator
-from types import FrameType
 from typing import Any, NamedTuple
 
 import optree
@@ -91,7 +90,7 @@ def known_from(observed: Observed, calls: Tensor) -> Known | None:
     checks direct batches), at most one per layer, each in training mode, in the block's
     dtype, with a non-zero update factor.
     """
-    counted = tuple(int(c) for c in calls.tolist())
+    counted = tuple(calls.tolist())
     ok = (
         observed.uniform
         and counted == observed.calls
@@ -223,8 +222,8 @@ class ValueWatch:
 
 @contextlib.contextmanager
 def watch_values(counters: Iterable[Tensor]) -> Iterator[ValueWatch]:
-    """Run the body under a `ValueWatch`: a function mode, a dispatch mode, and a profile
-    hook for draws from Python's or NumPy's random generators."""
+    """Run the body under a `ValueWatch`: a function mode, a dispatch mode, and a look at
+    the states of Python's and NumPy's global random generators."""
     watch = ValueWatch(counters)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_Escapes(watch))
@@ -235,34 +234,30 @@ def watch_values(counters: Iterable[Tensor]) -> Iterator[ValueWatch]:
 
 @contextlib.contextmanager
 def _draws(watch: ValueWatch) -> Iterator[None]:
-    """Note calls into Python's ``random`` module or NumPy's generators.
+    """Note draws from Python's global ``random`` generator or NumPy's global one.
 
     A forward that draws from them can size tensors with no tensor value involved (a crop
-    drawn with ``random.randint``), which no operator watch sees. Torch's own random
-    operators need no such care: a size drawn from them reaches Python through ``item()``
-    or ``tolist()``. Left out while another profiler holds the hook (the checks of direct
-    batches still run).
+    drawn with ``random.randint``), which no operator watch sees; their states tell,
+    at no cost per call. Torch's own random operators need no such care: a size drawn
+    from them reaches Python through ``item()`` or ``tolist()``. Draws from private
+    generators (a ``random.Random`` of the forward's own) are left to the checks of
+    direct batches.
     """
-    if sys.getprofile() is not None:
-        yield
-        return
+    numpy_random = getattr(sys.modules.get("numpy"), "random", None)
+    before = random.getstate(), _numpy_state(numpy_random)
+    yield
+    if watch.found is None and random.getstate() != before[0]:
+        watch.found = "a draw from Python's random module"
+    elif watch.found is None and _numpy_state(numpy_random) != before[1]:
+        watch.found = "a draw from numpy.random"
 
-    def hook(frame: FrameType, event: str, arg: Any) -> None:
-        if watch.found is not None:
-            return
-        if event == "call" and frame.f_globals.get("__name__") == "random":
-            watch.found = f"random.{frame.f_code.co_name}"
-        elif event == "c_call":
-            owner = getattr(arg, "__self__", None)
-            module = type(owner).__module__ or ""
-            if isinstance(owner, random.Random) or module.startswith("numpy.random"):
-                watch.found = f"{type(owner).__name__}.{getattr(arg, '__name__', '?')}"
 
-    sys.setprofile(hook)
-    try:
-        yield
-    finally:
-        sys.setprofile(None)
+def _numpy_state(numpy_random: Any) -> tuple[Any, ...] | None:
+    """NumPy's global generator state as a comparable tuple (``None`` without NumPy)."""
+    if numpy_random is None:
+        return None
+    state = numpy_random.get_state(legacy=True)  # ("MT19937", keys, pos, has_gauss, gauss)
+    return (state[1].tobytes(), *state[2:])
 
 
 class _Escapes(TorchFunctionMode):

@@ -127,7 +127,7 @@ class BlockFold:
             mean, var = torch.zeros(2, len(call.span), dtype=dtype, device=device).unbind(0)
             self.extra.append(Record(call, mean, var))
             return mean, var
-        full = call.span == range(call.size)
+        full = call.full
         self.entries[i] = call.count if full else (call.count, call.span)
         self.factors[i] = call.factor
         if not full:

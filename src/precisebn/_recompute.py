@@ -338,7 +338,7 @@ def _attempt(
                 skipped.append((index, one_value_message(call, shape)))
                 fold.discard_batch()
                 continue
-            observed = known_from(fold.end_batch(index), calls)
+            observed = fold.end_batch(index)
             used, samples = used + 1, samples + leading_size(leaves)
             if runner.reads:
                 signatures.enabled = False
@@ -349,10 +349,11 @@ def _attempt(
                         f"statistics were read outside its batch_norm call ({how})"
                     )
             if known is not None:  # a verification batch
-                if observed is None or not known.agrees(observed):
-                    raise _RestartError(f"in batch {index}, " + mismatch(known, observed, layers))
-            else:
-                signatures.observe(key, observed, value_dependent=dependent)
+                seen = known_from(observed, calls)
+                if seen is None or not known.agrees(seen):
+                    raise _RestartError(f"in batch {index}, " + mismatch(known, seen, layers))
+            elif key is not None:
+                signatures.observe(key, known_from(observed, calls), value_dependent=dependent)
         check_followed(runner.reads, fold.recorded)
         return _Run({}, used, samples, skipped)
 

@@ -79,6 +79,8 @@ class Call(NamedTuple):
     """Values per channel: the input's size over its channel dimension."""
     span: range
     """The layer's channels the call covers (all of them unless the buffers were sliced)."""
+    full: bool
+    """Whether ``span`` is every channel of the layer."""
     size: int
     """The layer's number of channels."""
     factor: float
@@ -120,7 +122,11 @@ class Tag(Guard):
     layer: str
     stat: str
     span: range
+    full: bool
+    """Whether the tag covers all of the layer's channels (it is not a slice)."""
     num_channels: int
+    buffer_dtype: torch.dtype
+    """The buffer's dtype, kept as an attribute: reading ``.dtype`` would call the handler."""
     owner: TagOwner
 
     @classmethod
@@ -163,9 +169,11 @@ def make_tag(
     tag_type: type[Tag], data: Tensor, *, layer: str, stat: str, span: range, owner: TagOwner
 ) -> Tag:
     """A tag of ``tag_type`` over ``data`` (a view of the run's private statistics)."""
+    dtype = data.dtype
     tag = data.as_subclass(tag_type)
     assert isinstance(tag, Tag)
-    tag.layer, tag.stat, tag.span, tag.num_channels, tag.owner = layer, stat, span, len(span), owner
+    tag.layer, tag.stat, tag.span, tag.owner = layer, stat, span, owner
+    tag.full, tag.num_channels, tag.buffer_dtype = True, len(span), dtype
     return tag
 
 
@@ -181,22 +189,24 @@ def _batch_norm(
 ) -> Tensor:
     mean_tag = _pair(running_mean, running_var)
     owner, span = mean_tag.owner, mean_tag.span
-    channels = input.shape[1] if input.dim() >= 2 else 0
+    shape = input.shape
+    channels = shape[1] if len(shape) >= 2 else 0
     if channels != len(span):
         raise ValueError(
             f"BatchNorm layer '{mean_tag.layer or '<model>'}': the input has "
-            f"{channels} channels (shape {tuple(input.shape)}) but the running statistics "
+            f"{channels} channels (shape {tuple(shape)}) but the running statistics "
             f"passed cover {len(span)}"
         )
     call = Call(
-        layer=mean_tag.layer,
-        count=input.numel() // channels,
-        span=span,
-        size=mean_tag.num_channels,
-        factor=float(momentum or 0.0),
-        training=bool(training),
+        mean_tag.layer,
+        input.numel() // channels,
+        span,
+        mean_tag.full,
+        mean_tag.num_channels,
+        float(momentum or 0.0),
+        bool(training),
     )
-    buffers_dtype = running_mean.dtype
+    buffers_dtype = mean_tag.buffer_dtype
     if call.count < 2:
         owner.sink.degenerate(call, tuple(input.shape))
         return _output_only(input, weight, bias, buffers_dtype, eps, owner.cudnn)
@@ -289,7 +299,7 @@ def _slice(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tag | No
     with torch._C.DisableTorchFunctionSubclass():
         view = func(*args)
     sliced = make_tag(type(tag), view, layer=tag.layer, stat=tag.stat, span=span, owner=tag.owner)
-    sliced.num_channels = tag.num_channels
+    sliced.num_channels, sliced.full = tag.num_channels, span == range(tag.num_channels)
     return sliced
 
 
