@@ -349,9 +349,9 @@ def _attempt(
                         f"statistics were read outside its batch_norm call ({how})"
                     )
             if known is not None:  # a verification batch
-                seen = known_from(observed, calls)
-                if seen is None or not known.agrees(seen):
-                    raise _RestartError(f"in batch {index}, " + mismatch(known, seen, layers))
+                verified = known_from(observed, calls)
+                if verified is None or not known.agrees(verified):
+                    raise _RestartError(f"in batch {index}, " + mismatch(known, verified, layers))
             elif key is not None:
                 signatures.observe(key, known_from(observed, calls), value_dependent=dependent)
         check_followed(runner.reads, fold.recorded)
