@@ -56,6 +56,27 @@ def make_model_with_spare_bn() -> nn.Module:
     return _WithSpareBN()
 
 
+class _Writer(nn.Module):
+    """Spectral norm and a counter: a training-mode forward writes both buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 4, 3))
+        self.bn = nn.BatchNorm2d(4)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen += x.shape[0]
+        return self.bn(self.conv(x))
+
+
+def make_writer_model() -> nn.Module:
+    """A model whose forward writes buffers of its own, initialised from a fixed seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _Writer()
+
+
 def make_loader() -> list[tuple[Tensor, Tensor]]:
     """``NUM_BATCHES`` (input, label) batches, far from the statistics of a fresh model."""
     generator = torch.Generator().manual_seed(1)

@@ -21,6 +21,8 @@ import cli_factories
 import precisebn
 from precisebn import _cli
 
+from reference import assert_matches, pooled_inputs
+
 TESTS = Path(__file__).resolve().parent
 FACTORIES = "cli_factories"
 
@@ -686,3 +688,20 @@ def test_a_signal_raises_once_and_not_during_the_commit() -> None:
     run.committing = True  # the output is complete and moving into place: finish
     run.on_signal(signal.SIGINT, None)
     run.on_signal(signal.SIGTERM, None)
+
+
+def test_buffers_the_forward_writes_are_written_out_as_they_were(
+    tmp_path: Path, one_thread: None
+) -> None:
+    source = tmp_path / "writer.pt"
+    model = cli_factories.make_writer_model().train()
+    torch.save(model.state_dict(), source)
+    out = tmp_path / "out.pt"
+    args = recompute_args(source, out, model=f"{FACTORIES}:make_writer_model")
+    assert _cli.main(args) == 0
+    before, after = torch.load(source), torch.load(out)
+    assert list(after) == list(before)
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["bn.running_mean", "bn.running_var"]
+    loader = cli_factories.make_loader()[:4]
+    assert_matches(after, pooled_inputs(model, loader))

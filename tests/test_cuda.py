@@ -66,3 +66,51 @@ def test_recompute_loop_never_syncs() -> None:
 
     new = precisebn.recompute_bn_buffers(model, guarded(), num_batches=len(batches) + 1)
     assert new.num_batches == len(batches)
+
+
+def test_cuda_nan_is_reported_after_a_loop_that_never_syncs() -> None:
+    model = SmallCNN().cuda()
+    batches = [torch.randn(8, 3, 16, 16, device="cuda") for _ in range(20)]
+    batches[17][0, 0, 0, 0] = float("nan")
+    precisebn.recompute_bn_buffers(model, batches[:2])  # warm-up: first-call set-up may sync
+
+    def guarded():
+        yield batches[0]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield from batches[1:]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    with pytest.raises(ValueError, match=r"'bn1', 'bn2', 'bn_head', first in batches 16-19"):
+        precisebn.recompute_bn_buffers(model, guarded())
+
+
+def test_cuda_half_precision_forward_is_the_models_own() -> None:
+    """cuDNN's float16 kernel gives the same output through the tag as in the model."""
+    import copy
+
+    torch.manual_seed(2)
+    model = SmallCNN().cuda().half().eval()
+    x = (torch.randn(8, 3, 16, 16, device="cuda") * 3 + 1).half()
+    out, _ = precisebn.capture(model, x)
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train()
+            module.momentum = 0.0
+    with torch.no_grad():
+        assert torch.equal(out, twin(x))
+
+
+def test_cuda_buffers_the_forward_writes_stay_unchanged() -> None:
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(6, 8)),
+        torch.nn.BatchNorm1d(8),
+    ).cuda()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(16, 6, device="cuda") for _ in range(10)]
+    new = precisebn.recompute_bn_buffers(model, batches)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_matches(new, pooled_inputs(model, batches))

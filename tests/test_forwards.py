@@ -21,7 +21,7 @@ from torch import Tensor, nn
 import precisebn
 from precisebn._fold import BlockFold
 
-from models import SmallCNN
+from models import ReusedBN, SmallCNN
 from reference import assert_matches, pooled_inputs
 
 
@@ -411,7 +411,8 @@ def test_nan_names_the_layers_and_the_batches() -> None:
     batches = [torch.randn(4, 3, 8, 8) for _ in range(20)]
     batches[18][1, 0, 2, 2] = float("nan")
     with pytest.raises(
-        ValueError, match=r"reached BatchNorm layer\(s\) 'bn1' \(first in batches 16-19\)"
+        ValueError,
+        match=r"reached BatchNorm layer\(s\) 'bn1', 'bn2', 'bn_head', first in batches 16-19",
     ):
         precisebn.recompute_bn_buffers(model, batches)
     assert_state_unchanged(before, model)
@@ -419,6 +420,14 @@ def test_nan_names_the_layers_and_the_batches() -> None:
     stats = precisebn.update(stats, model, batches[18])
     with pytest.raises(ValueError, match="non-finite values"):
         precisebn.finalize(stats, like=precisebn.bn_buffers(model))
+
+
+def test_nan_in_a_reused_layer_names_its_batch() -> None:
+    model = ReusedBN().train()
+    batches = [torch.randn(4, 3, 10, 10) for _ in range(5)]
+    batches[2][0, 0, 5, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"layer\(s\) 'bn', first in batches 0-4"):
+        precisebn.recompute_bn_buffers(model, batches)
 
 
 def test_float16_overflow_says_so() -> None:
@@ -495,13 +504,49 @@ def test_a_size_change_no_watch_sees_is_caught_and_the_run_restarts(
     assert_matches(slow, pooled_inputs(model, batches))
 
 
-def test_one_direct_batch_in_eight_is_verified(direct_batches: list[int]) -> None:
+class ReadsSometimes(nn.Module):
+    """Reads its BN layer's running variance on the batches listed in ``reading``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.reading: set[int] = set()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.data_ptr() in self.reading:
+            x = x / (self.bn.running_var + 1).sqrt()
+        return self.bn(x)
+
+
+def test_a_read_first_seen_in_a_checked_batch_restarts_the_run() -> None:
+    model = ReadsSometimes().train()
+    batches = [torch.randn(8, 4) * 3 for _ in range(40)]
+    model.reading = {b.data_ptr() for b in batches[10:]}
+    with pytest.warns(UserWarning, match=r"'bn''s running statistics were read outside"):
+        new = precisebn.recompute_bn_buffers(model, batches)
+    assert_matches(new, pooled_inputs(model, batches))
+
+
+def test_one_direct_batch_in_eight_is_checked(
+    direct_batches: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked: list[int] = []
+    original = precisebn._recompute._direct_batch
+
+    def counting(*args: Any, index: int, check: bool, **kwargs: Any) -> None:
+        if check:
+            checked.append(index)
+        original(*args, index=index, check=check, **kwargs)
+
+    monkeypatch.setattr(precisebn._recompute, "_direct_batch", counting)
     model = SmallCNN().train()
     batches = [torch.randn(4, 3, 8, 8) for _ in range(66)]
     state_before = (random.getstate(), torch.get_rng_state())
-    precisebn.recompute_bn_buffers(model, batches)
-    # Two intercepted batches, then 64 that could run directly: 8 of them are verified.
-    assert len(direct_batches) == 56
+    new = precisebn.recompute_bn_buffers(model, batches)
+    # Two intercepted batches, then 64 direct ones: one in each window of 8 is checked.
+    assert len(direct_batches) == 64
+    assert [(i - 2) // 8 for i in checked] == list(range(8))
+    assert_matches(new, pooled_inputs(model, batches))
     assert random.getstate() == state_before[0]
     assert torch.equal(torch.get_rng_state(), state_before[1])
 

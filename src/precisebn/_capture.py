@@ -35,7 +35,7 @@ from precisebn._batches import Forward, default_forward
 from precisebn._guard import Protection
 from precisebn._layers import STAT_NAMES, LayerSelector, buffer_key, find_bn_layers
 from precisebn._moments import Moments, Stats, from_batch, merge_layer
-from precisebn._tags import MEAN, Call, Sink, Tag, make_tag
+from precisebn._tags import MEAN, Call, Sink, Tag, checking_torch_function, make_tag
 
 _FULL_WIDTH = (torch.float32, torch.float64)
 logger = logging.getLogger("precisebn")
@@ -127,7 +127,9 @@ class Runner:
         self.counters = [self.calls, *self._counters.values()]
         # The tags of this runner only: their interception is switched off in direct batches.
         self._tag_type: type[Tag] = type("_RunTag", (Tag,), {})
-        self._intercepting = True
+        self._mode = "intercept"
+        self.checked: list[Call] = []
+        """Batch-norm calls of the current checked direct batch."""
         self.live, self._stat_tensors = self._private_statistics()
         self._caller_values = None if self.live is None else self.live.clone()
         self._tags = self._make_tags()
@@ -213,16 +215,22 @@ class Runner:
                 out.append(name)
         return out
 
-    def intercept(self, on: bool) -> None:
-        """Switch this runner's tags' interception on (the default) or off (direct batches)."""
-        if on == self._intercepting:
+    def note_call(self, call: Call) -> None:
+        self.checked.append(call)
+
+    def intercept(self, mode: str) -> None:
+        """Set how this runner's tags handle calls: ``"intercept"`` (the default),
+        ``"direct"`` (not at all) or ``"check"`` (as direct, noting each batch-norm call)."""
+        if mode == self._mode:
             return
-        self._intercepting = on
-        if on:
+        if self._mode != "intercept":
             delattr(self._tag_type, "__torch_function__")
-        else:
+        if mode == "direct":
             # How torch marks a subclass whose calls need no dispatch to Python.
             setattr(self._tag_type, "__torch_function__", torch._C._disabled_torch_function_impl)  # noqa: B010
+        elif mode == "check":
+            setattr(self._tag_type, "__torch_function__", classmethod(checking_torch_function))  # noqa: B010
+        self._mode = mode
 
     def within(self, loop: Callable[[Step], T], *, sink: Sink) -> T:
         """Call ``loop(step)`` with the stateless state bound; return what it returns.
@@ -250,7 +258,7 @@ class Runner:
         holder = _Holder(self._target, body)
         self.sink, self.cudnn, self.protection = sink, torch.backends.cudnn.enabled, protection
         self.refill()
-        self.intercept(True)
+        self.intercept("intercept")
         attributes = _attributes(self._target)
         versions = {key: t._version for key, t in self._watched.items()}
         try:
@@ -266,7 +274,7 @@ class Runner:
                 )
         finally:
             self.sink = RecordList()
-            self.intercept(True)
+            self.intercept("intercept")
             _restore_attributes(attributes)
             if protection.copied:
                 logger.debug(

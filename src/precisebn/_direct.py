@@ -28,7 +28,9 @@ Two checks follow the direct batches themselves:
 - every direct batch: the counters bound as each layer's ``num_batches_tracked`` say how
   often each layer ran; a batch that skipped or repeated a layer ends the attempt;
 - one direct batch in every `VERIFY_EVERY`, at a random position drawn from a private
-  generator, runs intercepted instead and must show the counts its signature promised.
+  generator, is *checked*: its tags note what each batch-norm call saw (a Python call
+  per BN call, while the kernels still update the private statistics as in any direct
+  batch), which must be the counts, channels and factors its signature promised.
   This catches a forward that changes sizes by itself (a crop drawn with Python's
   ``random``): with a fraction ``p`` of batches whose counts differ, a run of ``D`` direct
   batches misses it with probability about ``(1 - p / VERIFY_EVERY) ** D``.
@@ -43,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import random
 import sys
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import optree
@@ -53,6 +55,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from precisebn._fold import Entry, Observed
+from precisebn._tags import Call
 
 MAX_SIGNATURES = 64
 """Signatures tracked per run; batches of further new shapes are intercepted."""
@@ -63,6 +66,7 @@ VERIFY_EVERY = 8
 _DATA_DEPENDENT = frozenset({torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output})
 _COPIES_OUT = frozenset({Tensor.tolist, Tensor.numpy, Tensor.__array__})
 _SCALAR = torch.ops.aten._local_scalar_dense.default
+_DEPENDENT_OPS: dict[Any, bool] = {}
 
 
 class Known(NamedTuple):
@@ -119,6 +123,35 @@ def mismatch(known: Known, seen: Known | None, layers: list[str]) -> str:
         if known.factors[i] != seen.factors[i]:
             return f"{label}'s update factor changed from {known.factors[i]} to {seen.factors[i]}"
     return "its calls differed"
+
+
+def verify(
+    known: Known, calls: list[Call], layers: list[str], reads: Mapping[str, str]
+) -> str | None:
+    """Why a checked direct batch's calls break ``known``'s promise, or ``None``.
+
+    Each layer must have had at most one training-mode call, with the counts, channels
+    and update factor that ``known`` holds, and nothing may have read the statistics
+    outside a batch-norm call (earlier direct batches let such a read see the kernels'
+    updates).
+    """
+    if reads:
+        layer, how = next(iter(reads.items()))
+        return (
+            f"BatchNorm layer '{layer or '<model>'}''s running statistics were read outside "
+            f"its batch_norm call ({how})"
+        )
+    index = {name: i for i, name in enumerate(layers)}
+    entries: list[Entry] = [0] * len(layers)
+    factors = [0.0] * len(layers)
+    for call in calls:
+        i = index[call.layer]
+        if entries[i] or not call.training:
+            return f"BatchNorm layer '{call.layer or '<model>'}' ran twice or in eval mode"
+        entries[i] = call.count if call.full else (call.count, call.span)
+        factors[i] = call.factor
+    seen = Known(tuple(entries), tuple(factors), known.calls)
+    return None if known.agrees(seen) else mismatch(known, seen, layers)
 
 
 def _entry_text(entry: Entry) -> str:
@@ -291,6 +324,9 @@ class _Dependent(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
-        if not _DATA_DEPENDENT.isdisjoint(func.tags):
+        dependent = _DEPENDENT_OPS.get(func)
+        if dependent is None:  # reading an operator's tags costs microseconds: once each
+            dependent = _DEPENDENT_OPS[func] = not _DATA_DEPENDENT.isdisjoint(func.tags)
+        if dependent:
             self.watch.note(func, args)
         return func(*args, **(kwargs or {}))

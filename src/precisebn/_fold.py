@@ -16,9 +16,9 @@ A direct batch (see `precisebn._direct`) arrives as the run's live ``[2, C]`` bu
 which hold each layer's update factor times its moments: they are copied into the batch's
 row, and the pooling divides that row by the factors in float64.
 
-Pooling also notes, per channel, the first block whose sums stopped being finite, so that
-NaN or infinity is reported with the layer and the batches where it first appeared, at
-the cost of a few operations per block and one transfer at the end.
+Pooling also notes whether the sums are still finite, so that NaN or infinity is
+reported with the layers it reached and the block of batches where it first appeared, at
+the cost of three operations per block and one transfer at the end.
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ operations whatever the number of rows, so the block makes them rare."""
 Entry: TypeAlias = int | tuple[int, range]
 """What one batch gave one layer: values per channel (0: not reached), with the channels
 covered when a call covered only some."""
-
-_NAMED = 5  # layers a non-finite error names
 
 
 class Observed(NamedTuple):
@@ -92,7 +90,7 @@ class BlockFold:
             torch.zeros(channels, dtype=torch.float64, device=self.device) for _ in range(3)
         )
         self._shift: Tensor | None = None
-        self._first_bad = torch.full((channels,), -1, dtype=torch.long, device=self.device)
+        self._finite: list[Tensor] = []
         self._pools: list[tuple[int, int]] = []
         self.residual: Stats = {}
         self._residual_bad: dict[str, tuple[Tensor, list[int]]] = {}
@@ -178,7 +176,9 @@ class BlockFold:
         self.batch_entries.append(entries)
         self.batch_factors.append(factors)
         self.batch_index.append(index)
-        self._advance()
+        self.k += 1
+        if self.k == len(self._rows):
+            self._pool()
 
     def _advance(self) -> None:
         self.k += 1
@@ -212,36 +212,34 @@ class BlockFold:
         return merge(stats, self.residual)
 
     def _check_finite(self) -> None:
-        pools = self._first_bad.cpu()
-        residual = (
-            {
-                layer: (int(first), indices)
-                for layer, (first, indices) in zip(
-                    self._residual_bad,
-                    self._residual_bad.values(),
-                    strict=True,
-                )
-            }
-            if self._residual_bad
-            else {}
+        """Raise if NaN or infinity reached a layer, naming the layers and the first batches."""
+        pooled = (self._s1 + self._q).isfinite()
+        finite = [pooled[a:b].all() for a, b in self.spans]
+        firsts = [first for first, _ in self._residual_bad.values()]
+        flags = torch.stack([*self._finite, *finite, *(f < 0 for f in firsts)]).cpu().tolist()
+        pools = flags[: len(self._finite)]
+        layers_ok = flags[len(self._finite) : len(self._finite) + len(self.layers)]
+        residual_ok = dict(
+            zip(self._residual_bad, flags[len(self._finite) + len(self.layers) :], strict=True)
         )
-        found: list[tuple[str, str | None]] = []
-        for layer, (a, b) in zip(self.layers, self.spans, strict=True):
-            segment = pools[a:b]
-            segment = segment[segment >= 0]
-            batches = []
-            if segment.numel():
-                batches.append(self._pools[int(segment.min())])
-            first, indices = residual.get(layer, (-1, []))
-            if first >= 0:
-                batches.append((indices[first], indices[first]))
-            if batches:
-                start, stop = min(batches)
-                found.append(
-                    (layer, f"batch {start}" if start == stop else f"batches {start}-{stop}")
-                )
-        if found:
-            raise ValueError(nonfinite_message(found[:_NAMED], more=max(0, len(found) - _NAMED)))
+        bad = [
+            layer
+            for layer, ok in zip(self.layers, layers_ok, strict=True)
+            if not ok or not residual_ok.get(layer, True)
+        ]
+        if not bad:
+            return
+        if False in pools:  # the block of batches where the pooled sums first went bad
+            start, stop = self._pools[pools.index(False)]
+        else:  # only extra calls of reused layers: their batches are known one by one
+            batch = min(
+                indices[int(first)]
+                for layer, (first, indices) in self._residual_bad.items()
+                if not residual_ok[layer]
+            )
+            start = stop = batch
+        where = f"batch {start}" if start == stop else f"batches {start}-{stop}"
+        raise ValueError(nonfinite_message(bad, where=where))
 
     def _note_residual(self, batch: Stats, index: int) -> None:
         """Note, without a transfer to the host, whether a layer's extra calls were finite."""
@@ -286,8 +284,8 @@ class BlockFold:
             self._q.addcmul_(weights.var, part[:, 1].sum(0, dtype=torch.float64))
             self._q.addcmul_(weights.n, deviations.square_().sum(0))
             self._n.add_(weights.n, alpha=len(members))
-        bad = ~(torch.isfinite(self._s1) & torch.isfinite(self._q))
-        self._first_bad.masked_fill_(bad & (self._first_bad < 0), len(self._pools))
+        # One flag per pool, read at the end: the sums stay non-finite once they are.
+        self._finite.append((self._s1 + self._q).isfinite().all())
         self._pools.append((self.batch_index[0], self.batch_index[-1]))
         self.k, self.batch_entries, self.batch_factors, self.batch_index = 0, [], [], []
 

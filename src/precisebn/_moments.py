@@ -15,6 +15,8 @@ from torch import Tensor
 
 from precisebn._layers import STAT_NAMES, buffer_key
 
+_NAMED = 5  # layers an error names before summarising the rest
+
 __all__ = [
     "Moments",
     "Stats",
@@ -158,7 +160,7 @@ def finalize(stats: Stats, *, like: Mapping[str, Tensor] | None = None) -> dict[
     reached, partly, finite = _coverage(stats)
     bad = [name for (name, _), ok in zip(layers, finite, strict=True) if not ok]
     if bad:
-        raise ValueError(nonfinite_message([(name, None) for name in bad]))
+        raise ValueError(nonfinite_message(bad))
     out: dict[str, Tensor] = {}
     missing, partial = [], []
     for (layer, m), all_seen, some_seen in zip(layers, reached, partly, strict=True):
@@ -187,16 +189,28 @@ def finalize(stats: Stats, *, like: Mapping[str, Tensor] | None = None) -> dict[
 
 def _coverage(stats: Stats) -> tuple[list[bool], list[bool], list[bool]]:
     """Per layer, with one transfer to the host: whether every channel and whether some
-    channel saw two values or more, and whether the moments are finite."""
+    channel saw two values or more, and whether the moments are finite. A few
+    operations over all layers at once, whatever their number."""
     if not stats:
         return [], [], []
-    flags = []
-    for m in stats.values():
-        seen = (m.count >= 2).expand_as(m.mean)
-        finite = torch.isfinite(m.mean).all() & torch.isfinite(m.m2).all()
-        flags.append(torch.stack([seen.all(), seen.any(), finite]).cpu())
-    table = torch.stack(flags).tolist()
-    return [row[0] for row in table], [row[1] for row in table], [row[2] for row in table]
+    moments = list(stats.values())
+    sizes = [m.mean.numel() for m in moments]
+    device = moments[0].mean.device
+    layer_of = torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+    )
+    counts = torch.cat([m.count.to(device).expand_as(m.mean).reshape(-1) for m in moments])
+    means = torch.cat([m.mean.to(device).reshape(-1) for m in moments])
+    m2s = torch.cat([m.m2.to(device).reshape(-1) for m in moments])
+    per_channel = torch.stack([counts >= 2, (means + m2s).isfinite()]).long()
+    totals = torch.zeros(2, len(sizes), dtype=torch.long, device=device)
+    totals.index_add_(1, layer_of, per_channel)
+    table = totals.cpu().tolist()
+    return (
+        [n == size for n, size in zip(table[0], sizes, strict=True)],
+        [n > 0 for n in table[0]],
+        [n == size for n, size in zip(table[1], sizes, strict=True)],
+    )
 
 
 def _old(old: Tensor | None, new: Tensor) -> Tensor:
@@ -225,20 +239,19 @@ def _warn_unreached(missing: list[str], partial: list[str], *, kept: bool) -> No
         )
 
 
-def nonfinite_message(layers: list[tuple[str, str | None]], *, more: int = 0) -> str:
+def nonfinite_message(layers: list[str], *, where: str | None = None) -> str:
     """The error for NaN or infinity reaching recomputed layers.
 
     Args:
-        layers: ``(layer, where)`` pairs, ``where`` saying in which batches (or ``None``).
-        more: how many further layers were affected.
+        layers: the layers reached, in module order.
+        where: in which batches the values were first seen, if known.
     """
-    named = ", ".join(
-        f"'{name or '<model>'}'" + (f" (first in {where})" if where else "")
-        for name, where in layers
-    )
-    extra = f" and {more} more" if more else ""
+    named = ", ".join(f"'{name or '<model>'}'" for name in layers[:_NAMED])
+    if len(layers) > _NAMED:
+        named += f" and {len(layers) - _NAMED} more"
+    seen = f", first in {where}" if where else ""
     return (
-        f"non-finite values (NaN or infinity) reached BatchNorm layer(s) {named}{extra}; "
+        f"non-finite values (NaN or infinity) reached BatchNorm layer(s) {named}{seen}; "
         "no statistics were returned and the model is unchanged. In a float16 model or "
         "under float16 autocast this is usually an overflow (float16 tops out at 65504): "
         "run the recomputation in float32 or bfloat16, or scale the inputs down; "

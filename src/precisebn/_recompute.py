@@ -28,7 +28,15 @@ from precisebn._capture import (
     collect,
     one_value_message,
 )
-from precisebn._direct import Known, Signatures, Verifier, known_from, mismatch, watch_values
+from precisebn._direct import (
+    Known,
+    Signatures,
+    Verifier,
+    known_from,
+    mismatch,
+    verify,
+    watch_values,
+)
 from precisebn._distributed import abandon, reduce_run, reduction_group
 from precisebn._fold import BlockFold
 from precisebn._layers import LayerSelector
@@ -291,34 +299,23 @@ def _attempt(
     fold = BlockFold(list(runner.layers), runner.bn_buffers, max_batches=max(expected, 1))
     signatures = Signatures(enabled=direct and runner.live is not None)
     verifier = Verifier()
-    live, calls, layers = runner.live, runner.calls, list(runner.layers)
+    live, calls = runner.live, runner.calls
     runner.reads.clear()
 
     def loop(step: Step) -> _Run:
-        used = samples = direct_batches = 0
+        used = samples = 0
         skipped: list[tuple[int, str]] = []
         dirty = False  # the private statistics hold a direct batch's sums, not the caller's
         for index, raw in enumerate(chosen):
             batch, leaves, spec = place(raw, runner.device)
             key, known = signatures.lookup(leaves, spec)
-            if known is not None and live is not None and not verifier.due():
-                # Direct: the kernels update the zeroed private statistics themselves.
-                live.zero_()
-                calls.zero_()
-                dirty = True
-                runner.intercept(False)  # on again for the next intercepted batch
-                _run_step(runner, step, batch, index=index)
-                if not torch.equal(calls, known.calls):
-                    seen = Known(known.entries, known.factors, calls.clone())
-                    raise _RestartError(f"in batch {index}, " + mismatch(known, seen, layers))
+            if known is not None and live is not None:
+                _direct_batch(runner, step, batch, known, index=index, check=verifier.due())
                 fold.end_direct(live, known.entries, known.factors, index)
-                used, samples, direct_batches = (
-                    used + 1,
-                    samples + leading_size(leaves),
-                    direct_batches + 1,
-                )
+                dirty = True
+                used, samples = used + 1, samples + leading_size(leaves)
                 continue
-            runner.intercept(True)
+            runner.intercept("intercept")
             if dirty:
                 runner.refill()
                 dirty = False
@@ -342,17 +339,7 @@ def _attempt(
             used, samples = used + 1, samples + leading_size(leaves)
             if runner.reads:
                 signatures.enabled = False
-                if direct_batches:
-                    layer, how = next(iter(runner.reads.items()))
-                    raise _RestartError(
-                        f"in batch {index}, BatchNorm layer '{layer or '<model>'}''s running "
-                        f"statistics were read outside its batch_norm call ({how})"
-                    )
-            if known is not None:  # a verification batch
-                verified = known_from(observed, calls)
-                if verified is None or not known.agrees(verified):
-                    raise _RestartError(f"in batch {index}, " + mismatch(known, verified, layers))
-            elif key is not None:
+            if key is not None:
                 signatures.observe(key, known_from(observed, calls), value_dependent=dependent)
         check_followed(runner.reads, fold.recorded)
         return _Run({}, used, samples, skipped)
@@ -360,6 +347,32 @@ def _attempt(
     with torch.no_grad():
         run = runner.within(loop, sink=fold)
     return run._replace(stats=fold.result())
+
+
+def _direct_batch(
+    runner: Runner, step: Step, batch: Any, known: Known, *, index: int, check: bool
+) -> None:
+    """Run a batch directly: the kernels update the zeroed private statistics themselves.
+
+    Raises `_RestartError` when the layers ran otherwise than ``known`` says, or, in a
+    checked batch (``check``), when a call saw other counts or read the statistics.
+    """
+    assert runner.live is not None
+    runner.live.zero_()
+    runner.calls.zero_()
+    if check:
+        runner.checked.clear()
+    runner.intercept("check" if check else "direct")  # "intercept" again for the next
+    _run_step(runner, step, batch, index=index)
+    if not torch.equal(runner.calls, known.calls):
+        seen = Known(known.entries, known.factors, runner.calls.clone())
+        problem: str | None = mismatch(known, seen, list(runner.layers))
+    elif check:
+        problem = verify(known, runner.checked, list(runner.layers), runner.reads)
+    else:
+        return
+    if problem is not None:
+        raise _RestartError(f"in batch {index}, {problem}")
 
 
 def _written_message(layers: list[str]) -> str:

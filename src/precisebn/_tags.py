@@ -32,11 +32,12 @@ from torch.utils._pytree import tree_leaves
 
 from precisebn._guard import ForbiddenWriteError, Guard, Protection
 
-__all__ = ["Call", "Sink", "Tag", "TagOwner", "make_tag"]
+__all__ = ["Call", "Sink", "Tag", "TagOwner", "checking_torch_function", "make_tag"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _F_BATCH_NORM = inspect.signature(F.batch_norm)
 _ATEN_ORDER = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum")
+_F_ORDER = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum")
 _METADATA = frozenset(
     [
         Tensor.size,
@@ -112,6 +113,10 @@ class TagOwner(Protocol):
         """Note that ``layer``'s statistics were used outside its batch-norm call."""
         ...
 
+    def note_call(self, call: Call) -> None:
+        """Note a batch-norm call of a checked direct batch."""
+        ...
+
 
 class Tag(Guard):
     """A recomputed layer's bound ``running_mean`` or ``running_var`` (see the module doc).
@@ -138,31 +143,79 @@ class Tag(Guard):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func is F.batch_norm:
-            if len(args) == 3:  # how F.batch_norm dispatches
-                get = kwargs.get
-                return _batch_norm(
-                    *args,
-                    get("weight"),
-                    get("bias"),
-                    get("training", False),
-                    get("momentum", 0.1),
-                    get("eps", 1e-5),
-                )
-            call = _F_BATCH_NORM.bind(*args, **kwargs)
-            call.apply_defaults()
-            return _batch_norm(**call.arguments)
-        if func is torch.batch_norm:
-            named = dict(zip((*_ATEN_ORDER, "eps"), args, strict=False)) | kwargs
-            named.pop("cudnn_enabled", None)
-            return _batch_norm(**named)
-        if func in _METADATA:
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        sliced = _slice(func, args, kwargs)
-        if sliced is not None:
-            return sliced
-        return _outside(func, args, kwargs)
+        bound = _bound_batch_norm(func, args, kwargs)
+        if bound is not None:
+            return _batch_norm(*bound)
+        return _other(func, args, kwargs, outside=_outside)
+
+
+def checking_torch_function(
+    cls: type[Tag],
+    func: Callable[..., Any],
+    types: Any,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """The handler of a *checked* direct batch: batch-norm calls run as in a direct batch,
+    on the private statistics, and only report what they saw (`TagOwner.note_call`)."""
+    kwargs = kwargs or {}
+    bound = _bound_batch_norm(func, args, kwargs)
+    if bound is not None:
+        input, running_mean, running_var, weight, bias, training, momentum, eps = bound
+        mean_tag = _pair(running_mean, running_var)
+        call = _call(mean_tag, input, training, momentum)
+        mean_tag.owner.note_call(call)
+        if call.count < 2:  # the check fails; the stock call would raise
+            return _output_only(
+                input, weight, bias, mean_tag.buffer_dtype, eps, mean_tag.owner.cudnn
+            )
+    else:
+        result = _other(func, args, kwargs, outside=_note_outside)
+        if result is not _NOT_HANDLED:
+            return result
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+_NOT_HANDLED = object()
+Bound = tuple[Tensor, Any, Any, Any, Any, bool, float, float]
+"""A batch-norm call's ``(input, running_mean, running_var, weight, bias, training,
+momentum, eps)``."""
+
+
+def _bound_batch_norm(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Bound | None:
+    """The arguments of a batch-norm call, or ``None`` for any other call."""
+    if func is F.batch_norm:
+        if len(args) == 3:  # how F.batch_norm dispatches
+            get = kwargs.get
+            return (
+                *args,
+                get("weight"),
+                get("bias"),
+                get("training", False),
+                get("momentum", 0.1),
+                get("eps", 1e-5),
+            )
+        call = _F_BATCH_NORM.bind(*args, **kwargs)
+        call.apply_defaults()
+        return tuple(call.arguments.values())
+    if func is torch.batch_norm:
+        named = dict(zip((*_ATEN_ORDER, "eps"), args, strict=False)) | kwargs
+        return tuple(named[k] for k in (*_F_ORDER, "eps"))
+    return None
+
+
+def _other(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, outside: Callable[..., Any]
+) -> Any:
+    """A call that is not a batch-norm call: metadata, a slice, or a read."""
+    if func in _METADATA:
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+    sliced = _slice(func, args, kwargs)
+    if sliced is not None:
+        return sliced
+    return outside(func, args, kwargs)
 
 
 def make_tag(
@@ -188,24 +241,8 @@ def _batch_norm(
     eps: float,
 ) -> Tensor:
     mean_tag = _pair(running_mean, running_var)
-    owner, span = mean_tag.owner, mean_tag.span
-    shape = input.shape
-    channels = shape[1] if len(shape) >= 2 else 0
-    if channels != len(span):
-        raise ValueError(
-            f"BatchNorm layer '{mean_tag.layer or '<model>'}': the input has "
-            f"{channels} channels (shape {tuple(shape)}) but the running statistics "
-            f"passed cover {len(span)}"
-        )
-    call = Call(
-        mean_tag.layer,
-        input.numel() // channels,
-        span,
-        mean_tag.full,
-        mean_tag.num_channels,
-        float(momentum or 0.0),
-        bool(training),
-    )
+    owner = mean_tag.owner
+    call = _call(mean_tag, input, training, momentum)
     buffers_dtype = mean_tag.buffer_dtype
     if call.count < 2:
         owner.sink.degenerate(call, tuple(input.shape))
@@ -218,6 +255,27 @@ def _batch_norm(
         return torch.batch_norm(input, weight, bias, mean, var, True, 1.0, eps, owner.cudnn)
     torch.batch_norm(input, None, None, mean, var, True, 1.0, eps, owner.cudnn)
     return _output_only(input, weight, bias, buffers_dtype, eps, owner.cudnn)
+
+
+def _call(mean_tag: Tag, input: Tensor, training: bool, momentum: float | None) -> Call:
+    """What one batch-norm call on ``mean_tag``'s channels sees."""
+    span, shape = mean_tag.span, input.shape
+    channels = shape[1] if len(shape) >= 2 else 0
+    if channels != len(span):
+        raise ValueError(
+            f"BatchNorm layer '{mean_tag.layer or '<model>'}': the input has "
+            f"{channels} channels (shape {tuple(shape)}) but the running statistics "
+            f"passed cover {len(span)}"
+        )
+    return Call(
+        mean_tag.layer,
+        input.numel() // channels,
+        span,
+        mean_tag.full,
+        mean_tag.num_channels,
+        float(momentum or 0.0),
+        bool(training),
+    )
 
 
 def _output_only(
@@ -303,10 +361,23 @@ def _slice(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tag | No
     return sliced
 
 
+def _note_outside(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """In a checked direct batch, a read outside the batch-norm call is only noted (the
+    run starts again: earlier direct batches let such reads see the kernels' updates)."""
+    for tag in tree_leaves((args, kwargs)):
+        if isinstance(tag, Tag):
+            tag.owner.note_read(tag.layer, _name(func))
+    return _NOT_HANDLED
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
+
+
 def _outside(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Any other call: a read of the caller's values, which must not write them."""
     tags = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tag)]
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
+    name = _name(func)
     for tag in tags:
         tag.owner.note_read(tag.layer, name)
     try:
