@@ -227,7 +227,7 @@ def _guarantees_part(results: dict[str, Any]) -> list[str]:
         "into a buffer of that size. Copying every buffer would add the buffers' size to "
         "both rows; copy on write adds only what the forward writes.",
         "2. **Checked direct batches.** The default run (one direct batch in "
-        f"{every} run intercepted to check its counts) against the same run without the "
+        f"{every} checked: its BN calls report their counts) against the same run without the "
         "check and with every batch intercepted, side by side with the floor.",
         f"3. **How often the check fires.** Runs over {n} batches of a model that silently "
         "changes a layer's input size (by a rule no watch sees) on a random fraction p of "

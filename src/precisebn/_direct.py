@@ -61,7 +61,7 @@ MAX_SIGNATURES = 64
 """Signatures tracked per run; batches of further new shapes are intercepted."""
 
 VERIFY_EVERY = 8
-"""One direct batch in this many runs intercepted, to check its counts (0: none)."""
+"""One direct batch in this many is checked: its calls report their counts (0: none)."""
 
 _DATA_DEPENDENT = frozenset({torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output})
 _COPIES_OUT = frozenset({Tensor.tolist, Tensor.numpy, Tensor.__array__})
@@ -162,7 +162,7 @@ def _entry_text(entry: Entry) -> str:
 
 
 class Verifier:
-    """Picks one direct batch in every `VERIFY_EVERY` to run intercepted, at random.
+    """Picks one direct batch in every `VERIFY_EVERY` to check, at a random position.
 
     The generator is private and seeded, so a run draws nothing from Python's or torch's
     global random state (a forward that draws from them sees the same numbers as without

@@ -169,7 +169,7 @@ def recompute_bn_buffers(
             BN call. It needs the per-layer counts to follow from the batch's shapes; the
             run checks this on the first two batches of each shape, watches for sizes read
             from tensor values, checks which layers every direct batch ran, and runs one
-            direct batch in eight intercepted to compare its counts. When a check fails,
+            direct batch in eight with its counts checked. When a check fails,
             the run starts again with every batch intercepted, with a warning (a loader
             that cannot be iterated twice raises instead). ``False`` intercepts every batch
             from the start.
