@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import torch
@@ -11,25 +10,9 @@ from torch import Tensor, nn
 
 import precisebn
 from precisebn._direct import Known, Signatures, watch_values
-from precisebn._fold import BlockFold
 
 from models import ReusedBN, SmallCNN
 from reference import assert_matches, assert_same, pooled_inputs, snapshot
-
-
-@pytest.fixture
-def direct_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the batches folded as direct batches during a test (none verified)."""
-    monkeypatch.setattr(precisebn._direct, "VERIFY_EVERY", 0)
-    seen: list[int] = []
-    original = BlockFold.end_direct
-
-    def counting(self: BlockFold, live: Tensor, *args: Any) -> None:
-        seen.append(1)
-        original(self, live, *args)
-
-    monkeypatch.setattr(BlockFold, "end_direct", counting)
-    return seen
 
 
 def batches_of(sizes: list[int], shape: tuple[int, ...], *, offset: float = 0.0) -> list[Tensor]:

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import precisebn
-from precisebn._fold import BlockFold
 
 from models import ReusedBN, SmallCNN
 from reference import assert_matches, pooled_inputs
@@ -36,20 +35,6 @@ def assert_state_unchanged(before: dict[str, Tensor], model: nn.Module) -> None:
         assert after[key].dtype == value.dtype, key
         assert after[key].shape == value.shape, key
         assert torch.equal(after[key], value), f"{key} changed"
-
-
-@pytest.fixture
-def direct_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the batches folded as direct batches."""
-    seen: list[int] = []
-    original = BlockFold.end_direct
-
-    def counting(self: BlockFold, live: Tensor, *args: Any) -> None:
-        seen.append(1)
-        original(self, live, *args)
-
-    monkeypatch.setattr(BlockFold, "end_direct", counting)
-    return seen
 
 
 # ---------------------------------------------------------------- buffers the forward writes

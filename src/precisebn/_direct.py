@@ -52,9 +52,9 @@ import optree
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from precisebn._fold import Entry, Observed
+from precisebn._guard import EagerDispatchMode
 from precisebn._tags import Call
 
 MAX_SIGNATURES = 64
@@ -308,18 +308,12 @@ class _Escapes(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class _Dependent(TorchDispatchMode):  # type: ignore[no-untyped-call]
+class _Dependent(EagerDispatchMode):  # type: ignore[no-untyped-call]
     """Operators tagged as having an output whose size or value is read from the data."""
 
     def __init__(self, watch: ValueWatch) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.watch = watch
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        # Otherwise torch wraps __torch_dispatch__ to keep torch.compile out of it, and the
-        # wrapper imports torch._dynamo on its first call: about 2 s, for nothing here.
-        return False
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None

@@ -32,7 +32,13 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-__all__ = ["ForbiddenWriteError", "Guard", "Protection", "storage_id"]
+__all__ = [
+    "EagerDispatchMode",
+    "ForbiddenWriteError",
+    "Guard",
+    "Protection",
+    "storage_id",
+]
 
 Rebind = Callable[[str, Tensor], None]
 """``rebind(key, tensor)``: bind ``tensor`` as the buffer ``key`` for the rest of the run."""
@@ -234,18 +240,25 @@ def _written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
     return found
 
 
-class _Writes(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Sees every operator of one guarded call: clones before writes, moves reads to clones."""
+class EagerDispatchMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """A dispatch mode that stays out of ``torch.compile``'s way without importing it."""
 
-    def __init__(self, protection: Protection) -> None:
+    def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.protection = protection
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         # Otherwise torch wraps __torch_dispatch__ to keep torch.compile out of it, and the
         # wrapper imports torch._dynamo on its first call: about 2 s, for nothing here.
         return False
+
+
+class _Writes(EagerDispatchMode):  # type: ignore[no-untyped-call]
+    """Sees every operator of one guarded call: clones before writes, moves reads to clones."""
+
+    def __init__(self, protection: Protection) -> None:
+        super().__init__()
+        self.protection = protection
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
