@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -396,7 +397,13 @@ def _restore_attributes(saved: _Attributes) -> None:
     """
     for module, before in saved:
         now = vars(module)
-        if now.keys() == before.keys() and all(now[k] is v for k, v in before.items()):
+        # Same keys in the same order and the same objects: nothing to undo (dicts keep
+        # insertion order, so a changed key set shows up as a changed length or order).
+        if (
+            len(now) == len(before)
+            and all(map(operator.is_, now.values(), before.values()))
+            and all(map(operator.eq, now, before))
+        ):
             continue
         for key in [k for k in now if k not in before]:
             del now[key]

@@ -318,13 +318,14 @@ class _Weights(NamedTuple):
 def _per_channel(values: Sequence[Entry | float], sizes: list[int], device: torch.device) -> Tensor:
     """A float64 vector holding each layer's value on each of its channels (on a sliced
     entry's channels only, 0 on the others)."""
-    out = torch.zeros(sum(sizes), dtype=torch.float64)
+    if not values:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    plain = [0.0 if isinstance(v, tuple) else float(v) for v in values]
+    out = torch.repeat_interleave(torch.tensor(plain, dtype=torch.float64), torch.tensor(sizes))
     offset = 0
     for size, value in zip(sizes, values, strict=True):
         if isinstance(value, tuple):
             count, span = value
             out[offset + span.start : offset + span.stop : span.step] = count
-        else:
-            out[offset : offset + size] = value
         offset += size
     return out.to(device)
