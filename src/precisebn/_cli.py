@@ -254,8 +254,9 @@ def _add_recompute(sub: Any, common: argparse.ArgumentParser) -> None:
         "--no-direct",
         action="store_true",
         help="intercept every BN call of every batch, for a forward that changes a layer's "
-        "input size between batches of equal shapes by itself (a random resize drawn with "
-        "Python's random module); the default runs repeated shapes without interception",
+        "input size between batches of equal shapes by a rule of its own (a counter, a "
+        "private random generator); the default runs repeated shapes without interception, "
+        "checks one such batch in eight and starts over if a check fails",
     )
     rec.add_argument(
         "--overwrite", action="store_true", help="replace --out if it exists (it may be the input)"
