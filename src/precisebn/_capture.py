@@ -36,7 +36,7 @@ from precisebn._batches import Forward, default_forward
 from precisebn._guard import Protection
 from precisebn._layers import STAT_NAMES, LayerSelector, buffer_key, find_bn_layers
 from precisebn._moments import Moments, Stats, from_batch, merge_layer
-from precisebn._tags import MEAN, Call, Sink, Tag, checking_torch_function, make_tag
+from precisebn._tags import Call, Sink, Tag, checking_torch_function, make_tag
 
 _FULL_WIDTH = (torch.float32, torch.float64)
 logger = logging.getLogger("precisebn")
@@ -115,7 +115,7 @@ class Runner:
         }
         self.device = next(iter(state.values())).device if state else torch.device("cpu")
         self.floating_params = any(t.is_floating_point() for t in state.values())
-        self._watched = {**named_params, **self._params, **self._buffers}
+        self._watched = state  # every tensor of the caller's that the run may read
         self._overrides = bool(params or buffers)
         self.sink: Sink = RecordList()
         self.cudnn = torch.backends.cudnn.enabled
@@ -189,8 +189,8 @@ class Runner:
     def note_read(self, layer: str, operator: str) -> None:
         self.reads.setdefault(layer, operator)
 
-    def refill(self) -> None:
-        """Put the caller's values back behind the tags (after a direct batch used them)."""
+    def _refill(self) -> None:
+        """Put the caller's values back behind the tags (after direct batches used them)."""
         if self.live is not None and self._caller_values is not None:
             self.live.copy_(self._caller_values)
 
@@ -205,13 +205,9 @@ class Runner:
         """The recomputed layers whose values behind the tags differ from the caller's."""
         out = []
         for name in self.layers:
-            tag = self._tags[buffer_key(name, MEAN)]
-            var = self._tags[buffer_key(name, STAT_NAMES[1])]
+            keys = [buffer_key(name, stat) for stat in STAT_NAMES]
             with torch._C.DisableTorchFunctionSubclass():
-                same = all(
-                    torch.equal(t.detach(), self.bn_buffers[buffer_key(name, s)].detach())
-                    for t, s in ((tag, STAT_NAMES[0]), (var, STAT_NAMES[1]))
-                )
+                same = all(torch.equal(self._tags[k], self.bn_buffers[k].detach()) for k in keys)
             if not same:
                 out.append(name)
         return out
@@ -221,11 +217,17 @@ class Runner:
 
     def intercept(self, mode: str) -> None:
         """Set how this runner's tags handle calls: ``"intercept"`` (the default),
-        ``"direct"`` (not at all) or ``"check"`` (as direct, noting each batch-norm call)."""
+        ``"direct"`` (not at all) or ``"check"`` (as direct, noting each batch-norm call).
+
+        Direct and checked batches let the kernels write the private statistics, so going
+        back to ``"intercept"`` puts the caller's values back behind the tags: in that mode
+        they always hold them.
+        """
         if mode == self._mode:
             return
         if self._mode != "intercept":
             delattr(self._tag_type, "__torch_function__")
+            self._refill()
         if mode == "direct":
             # How torch marks a subclass whose calls need no dispatch to Python.
             setattr(self._tag_type, "__torch_function__", torch._C._disabled_torch_function_impl)  # noqa: B010
@@ -258,7 +260,6 @@ class Runner:
 
         holder = _Holder(self._target, body)
         self.sink, self.cudnn, self.protection = sink, torch.backends.cudnn.enabled, protection
-        self.refill()
         self.intercept("intercept")
         attributes = _attributes(self._target)
         versions = {key: t._version for key, t in self._watched.items()}

@@ -53,9 +53,9 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from precisebn._fold import Entry, Observed
+from precisebn._fold import Observed
 from precisebn._guard import EagerDispatchMode
-from precisebn._tags import Call
+from precisebn._tags import Call, Entry
 
 MAX_SIGNATURES = 64
 """Signatures tracked per run; batches of further new shapes are intercepted."""
@@ -104,10 +104,8 @@ def known_from(observed: Observed, calls: Tensor) -> Known | None:
     return Known(observed.entries, observed.factors, calls.clone()) if ok else None
 
 
-def mismatch(known: Known, seen: Known | None, layers: list[str]) -> str:
+def mismatch(known: Known, seen: Known, layers: list[str]) -> str:
     """How a batch differed from what its signature promised, naming the first layer."""
-    if seen is None:
-        return "it could not run directly (a layer ran in eval mode, twice, or by hand)"
     for i, name in enumerate(layers):
         label = f"BatchNorm layer '{name or '<model>'}'"
         if known.entries[i] != seen.entries[i]:
@@ -148,7 +146,7 @@ def verify(
         i = index[call.layer]
         if entries[i] or not call.training:
             return f"BatchNorm layer '{call.layer or '<model>'}' ran twice or in eval mode"
-        entries[i] = call.count if call.full else (call.count, call.span)
+        entries[i] = call.entry
         factors[i] = call.factor
     seen = Known(tuple(entries), tuple(factors), known.calls)
     return None if known.agrees(seen) else mismatch(known, seen, layers)
@@ -176,7 +174,7 @@ class Verifier:
         self._pick = -1
 
     def due(self) -> bool:
-        """Whether the next batch that could run directly is to be verified instead."""
+        """Whether the next direct batch is to be checked."""
         if self.every <= 0:
             return False
         if self._left == 0:

@@ -24,8 +24,8 @@ the cost of three operations per block and one transfer at the end.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple, TypeAlias
+from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,17 +33,13 @@ from torch import Tensor
 from precisebn._capture import Record, collect
 from precisebn._layers import STAT_NAMES, buffer_key
 from precisebn._moments import Moments, Stats, merge, nonfinite_message
-from precisebn._tags import Call
+from precisebn._tags import Call, Entry
 
 BLOCK = 16
 """Batches held before pooling. The block holds ``BLOCK * 2 * C`` values in the statistics
 dtype (128 bytes per float32 channel), and pooling it briefly needs two float64 arrays of
 ``BLOCK * C``; neither depends on the number of batches. Pooling costs about fifteen small
 operations whatever the number of rows, so the block makes them rare."""
-
-Entry: TypeAlias = int | tuple[int, range]
-"""What one batch gave one layer: values per channel (0: not reached), with the channels
-covered when a call covered only some."""
 
 
 class Observed(NamedTuple):
@@ -93,7 +89,8 @@ class BlockFold:
         self._finite: list[Tensor] = []
         self._pools: list[tuple[int, int]] = []
         self.residual: Stats = {}
-        self._residual_bad: dict[str, tuple[Tensor, list[int]]] = {}
+        # Per batch with extra calls: its index, and whether the residual is still finite.
+        self._residual_finite: list[tuple[int, Tensor]] = []
         self.k = 0
         self._start_batch()
         self.batch_entries: list[tuple[Entry, ...]] = []
@@ -125,17 +122,16 @@ class BlockFold:
             mean, var = torch.zeros(2, len(call.span), dtype=dtype, device=device).unbind(0)
             self.extra.append(Record(call, mean, var))
             return mean, var
-        full = call.full
-        self.entries[i] = call.count if full else (call.count, call.span)
+        self.entries[i] = call.entry
         self.factors[i] = call.factor
-        if not full:
+        if not call.full:
             self._sliced[i] = True
         slots = self.slots[self.k]
         if slots is None:
             mean_rows, var_rows = (torch.split(part, self.sizes) for part in self.block[self.k])
             slots = self.slots[self.k] = list(zip(mean_rows, var_rows, strict=True))
         mean, var = slots[i]
-        if full:
+        if call.full:
             return mean, var
         index = slice(call.span.start, call.span.stop, call.span.step)
         return mean[index], var[index]
@@ -161,9 +157,8 @@ class BlockFold:
         self.batch_factors.append(None)
         self.batch_index.append(index)
         if self.extra:
-            batch = collect(self.extra)
-            self.residual = merge(self.residual, batch)
-            self._note_residual(batch, index)
+            self.residual = merge(self.residual, collect(self.extra))
+            self._residual_finite.append((index, _finite(self.residual.values()).all()))
         self._start_batch()
         self._advance()
         return observed
@@ -176,9 +171,7 @@ class BlockFold:
         self.batch_entries.append(entries)
         self.batch_factors.append(factors)
         self.batch_index.append(index)
-        self.k += 1
-        if self.k == len(self._rows):
-            self._pool()
+        self._advance()
 
     def _advance(self) -> None:
         self.k += 1
@@ -212,44 +205,32 @@ class BlockFold:
         return merge(stats, self.residual)
 
     def _check_finite(self) -> None:
-        """Raise if NaN or infinity reached a layer, naming the layers and the first batches."""
+        """Raise if NaN or infinity reached a layer, naming the layers and the first batches.
+
+        Sums stay non-finite once they are, so the first pool (or batch with extra calls)
+        whose flag is down is where it first appeared.
+        """
         pooled = (self._s1 + self._q).isfinite()
-        finite = [pooled[a:b].all() for a, b in self.spans]
-        firsts = [first for first, _ in self._residual_bad.values()]
-        flags = torch.stack([*self._finite, *finite, *(f < 0 for f in firsts)]).cpu().tolist()
-        pools = flags[: len(self._finite)]
-        layers_ok = flags[len(self._finite) : len(self._finite) + len(self.layers)]
-        residual_ok = dict(
-            zip(self._residual_bad, flags[len(self._finite) + len(self.layers) :], strict=True)
-        )
-        bad = [
-            layer
-            for layer, ok in zip(self.layers, layers_ok, strict=True)
-            if not ok or not residual_ok.get(layer, True)
-        ]
+        per_layer = [pooled[a:b].all() for a, b in self.spans]
+        heads = [*self._finite, *(flag for _, flag in self._residual_finite), *per_layer]
+        parts = [torch.stack(heads)]
+        if self.residual:
+            parts.append(_finite(self.residual.values()))
+        flags = torch.cat(parts).cpu().tolist()
+        pools, flags = flags[: len(self._finite)], flags[len(self._finite) :]
+        extras, flags = flags[: len(self._residual_finite)], flags[len(self._residual_finite) :]
+        layers_ok = dict(zip(self.layers, flags[: len(self.layers)], strict=True))
+        for layer, ok in zip(self.residual, flags[len(self.layers) :], strict=True):
+            layers_ok[layer] = layers_ok[layer] and ok
+        bad = [layer for layer, ok in layers_ok.items() if not ok]
         if not bad:
             return
         if False in pools:  # the block of batches where the pooled sums first went bad
             start, stop = self._pools[pools.index(False)]
-        else:  # only extra calls of reused layers: their batches are known one by one
-            batch = min(
-                indices[int(first)]
-                for layer, (first, indices) in self._residual_bad.items()
-                if not residual_ok[layer]
-            )
-            start = stop = batch
+        else:  # only extra calls of reused layers went bad: their batches are known
+            start = stop = self._residual_finite[extras.index(False)][0]
         where = f"batch {start}" if start == stop else f"batches {start}-{stop}"
         raise ValueError(nonfinite_message(bad, where=where))
-
-    def _note_residual(self, batch: Stats, index: int) -> None:
-        """Note, without a transfer to the host, whether a layer's extra calls were finite."""
-        for layer, m in batch.items():
-            bad = ~(torch.isfinite(m.mean).all() & torch.isfinite(m.m2).all())
-            first, indices = self._residual_bad.setdefault(
-                layer, (torch.full((), -1, dtype=torch.long, device=m.mean.device), [])
-            )
-            first.copy_(torch.where(bad & (first < 0), len(indices), first))
-            indices.append(index)
 
     # ------------------------------------------------------------------- pooling
 
@@ -307,6 +288,11 @@ class BlockFold:
                 var = var * unscale
             weights = self._weight_cache[key] = _Weights(n, var, unscale)
         return weights
+
+
+def _finite(moments: Iterable[Moments]) -> Tensor:
+    """Per state entry, whether its mean and sum of squared deviations are finite."""
+    return torch.stack([(m.mean + m.m2).isfinite().all() for m in moments])
 
 
 class _Weights(NamedTuple):

@@ -305,20 +305,15 @@ def _attempt(
     def loop(step: Step) -> _Run:
         used = samples = 0
         skipped: list[tuple[int, str]] = []
-        dirty = False  # the private statistics hold a direct batch's sums, not the caller's
         for index, raw in enumerate(chosen):
             batch, leaves, spec = place(raw, runner.device)
             key, known = signatures.lookup(leaves, spec)
             if known is not None and live is not None:
                 _direct_batch(runner, step, batch, known, index=index, check=verifier.due())
                 fold.end_direct(live, known.entries, known.factors, index)
-                dirty = True
                 used, samples = used + 1, samples + leading_size(leaves)
                 continue
-            runner.intercept("intercept")
-            if dirty:
-                runner.refill()
-                dirty = False
+            runner.intercept("intercept")  # the tags hold the caller's values again
             calls.zero_()
             version = runner.statistics_version()
             if signatures.watching(key) and known is None:
@@ -358,11 +353,11 @@ def _direct_batch(
     checked batch (``check``), when a call saw other counts or read the statistics.
     """
     assert runner.live is not None
+    runner.intercept("check" if check else "direct")  # "intercept" again for the next
     runner.live.zero_()
     runner.calls.zero_()
     if check:
         runner.checked.clear()
-    runner.intercept("check" if check else "direct")  # "intercept" again for the next
     _run_step(runner, step, batch, index=index)
     if not torch.equal(runner.calls, known.calls):
         seen = Known(known.entries, known.factors, runner.calls.clone())

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 
 from precisebn._guard import ForbiddenWriteError, Guard, Protection
 
-__all__ = ["Call", "Sink", "Tag", "TagOwner", "checking_torch_function", "make_tag"]
+__all__ = ["Call", "Entry", "Sink", "Tag", "TagOwner", "checking_torch_function", "make_tag"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _F_BATCH_NORM = inspect.signature(F.batch_norm)
@@ -71,6 +71,10 @@ _METADATA = frozenset(
 )
 MEAN, VAR = "running_mean", "running_var"
 
+Entry: TypeAlias = int | tuple[int, range]
+"""What one batch gave one layer: values per channel (0: not reached), with the channels
+covered when a call covered only some."""
+
 
 class Call(NamedTuple):
     """One intercepted batch-norm call of a recomputed layer."""
@@ -88,6 +92,11 @@ class Call(NamedTuple):
     """The momentum argument: the factor a kernel would update the buffers with."""
     training: bool
     """The call's own training flag (the interception runs it in training mode anyway)."""
+
+    @property
+    def entry(self) -> Entry:
+        """The call's counts as a batch's entry for its layer."""
+        return self.count if self.full else (self.count, self.span)
 
 
 class Sink(Protocol):
@@ -293,18 +302,15 @@ def _output_only(
 
 def _pair(running_mean: Any, running_var: Any) -> Tag:
     """The mean tag of a batch-norm call, after checking both buffers belong together."""
-    mean_ok = isinstance(running_mean, Tag) and running_mean.stat == MEAN
-    var_ok = isinstance(running_var, Tag) and running_var.stat == VAR
     if (
-        mean_ok
-        and var_ok
-        and (running_mean.layer, running_mean.span)
-        == (
-            running_var.layer,
-            running_var.span,
-        )
+        isinstance(running_mean, Tag)
+        and isinstance(running_var, Tag)
+        and running_mean.stat == MEAN
+        and running_var.stat == VAR
+        and running_mean.layer == running_var.layer
+        and running_mean.span == running_var.span
     ):
-        return running_mean  # type: ignore[no-any-return]
+        return running_mean
     tag = running_mean if isinstance(running_mean, Tag) else running_var
     raise ValueError(
         f"BatchNorm layer '{tag.layer or '<model>'}': a batch_norm call passed "
@@ -316,11 +322,7 @@ def _pair(running_mean: Any, running_var: Any) -> Tag:
 
 def _describe(value: Any) -> str:
     if isinstance(value, Tag):
-        part = (
-            ""
-            if len(value.span) == value.num_channels
-            else f" channels {_span_text(value.span)} of"
-        )
+        part = "" if value.full else f" channels {_span_text(value.span)} of"
         return f"{part} layer '{value.layer}''s {value.stat}".strip()
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)} that is not a layer's buffer"
