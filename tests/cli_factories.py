@@ -89,6 +89,15 @@ def make_loader() -> list[tuple[Tensor, Tensor]]:
     ]
 
 
+def make_long_loader() -> list[tuple[Tensor, Tensor]]:
+    """48 larger batches of the same distribution, for --tol."""
+    generator = torch.Generator().manual_seed(2)
+    return [
+        (torch.randn(64, 3, 6, 6, generator=generator) * 3.0 + 2.0, torch.zeros(64))
+        for _ in range(48)
+    ]
+
+
 def _signalling_loader(signum: int) -> Iterator[tuple[Tensor, Tensor]]:
     for index, batch in enumerate(make_loader()):
         if index == 2:

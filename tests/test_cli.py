@@ -105,26 +105,38 @@ def test_recompute_end_to_end(checkpoint: Path, tmp_path: Path) -> None:
     assert result.stderr == ""  # no progress bar and no log noise in a pipe
 
 
-def test_summary_matches_the_buffers(
-    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+def test_summary_is_the_report_of_the_buffers(
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
 ) -> None:
+    results: list[precisebn.BNBuffers] = []
+    library = _cli.recompute_bn_buffers
+
+    def spy(*args: Any, **kwargs: Any) -> precisebn.BNBuffers:
+        results.append(library(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(_cli, "recompute_bn_buffers", spy)
     out = tmp_path / "out.pt"
     assert _cli.main([*recompute_args(checkpoint, out), "--top", "1"]) == 0
     stdout = capsys.readouterr().out
-    old, new = torch.load(checkpoint, weights_only=True), torch.load(out, weights_only=True)
-    moves = []
-    for layer in ("1", "4", "9"):
-        std = (new[f"{layer}.running_var"] + 1e-5).sqrt()
-        shift = (old[f"{layer}.running_mean"] - new[f"{layer}.running_mean"]).abs() / std
-        ratio = (old[f"{layer}.running_var"] + 1e-5) / (new[f"{layer}.running_var"] + 1e-5)
-        row = next(line.split() for line in stdout.splitlines() if line.startswith(f"  {layer} "))
-        figures = [float(x) for x in row[2:6]]
-        wanted = [shift.mean(), shift.max(), ratio.min(), ratio.max()]
-        assert figures == pytest.approx([float(w) for w in wanted], abs=1e-3)
-        moves.append((max(shift.max().item(), ratio.log().abs().max().item()), layer, row))
-    _, most, row = max(moves)
-    assert row[-1] == "*"  # --top 1 flags exactly the layer that moved most
-    assert sum(line.rstrip().endswith("*") for line in stdout.splitlines()) == 1, most
+    old, written = torch.load(checkpoint, weights_only=True), torch.load(out, weights_only=True)
+    [new] = results
+    expected = precisebn.report(old, new, eps=1e-5, top=1)  # the model's layers' eps
+    assert f"\n{expected}\n" in stdout
+    assert [row.layer for row in expected] == ["1", "4", "9"]
+    assert expected.flagged() == [max(expected, key=lambda row: row.score).layer]
+    assert sum(line.rstrip().endswith("*") for line in stdout.splitlines()) == 1
+    # The figures are those of the written checkpoint.
+    for row in expected:
+        std = (written[f"{row.layer}.running_var"].double() + 1e-5).sqrt()
+        moved = old[f"{row.layer}.running_mean"].double() - written[f"{row.layer}.running_mean"]
+        assert row.shift_max == pytest.approx((moved.abs() / std).max().item(), rel=1e-6)
+        printed = next(line for line in stdout.splitlines() if line.startswith(f"  {row.layer} "))
+        assert float(printed.split()[3]) == pytest.approx(row.shift_max, abs=1e-3)
 
 
 def test_no_direct_intercepts_every_batch(
@@ -156,26 +168,6 @@ def test_wrapped_checkpoint_gets_a_hint(tmp_path: Path, capsys: pytest.CaptureFi
     assert "missing keys ('0.weight'" in err
     assert "start with 'module.'" in err
     assert not out.exists()
-
-
-def test_format_summary_flags_the_largest_moves() -> None:
-    new = {}
-    for layer in ("a", "b", "c", "d"):
-        new[f"{layer}.running_mean"] = torch.zeros(3)
-        new[f"{layer}.running_var"] = torch.ones(3)
-    old = {k: v.clone() for k, v in new.items()}
-    old["b.running_mean"] += torch.tensor([0.0, 5.0, 0.0])  # five new stds on one channel
-    old["d.running_var"] *= torch.tensor([1.0, 1.0, 30.0])  # |ln 30| = 3.4
-    old["c.running_mean"] += 0.1
-    moves = _cli.summarize(old, new, eps={})
-    b = next(m for m in moves if m.layer == "b")
-    assert (b.shift_max, b.shift_mean) == pytest.approx((5.0, 5.0 / 3))
-    flagged = [
-        line.split()[0]
-        for line in _cli.format_summary(moves, top=2).splitlines()
-        if line.endswith("*")
-    ]
-    assert flagged == ["b", "d"]
 
 
 def test_overwrite_may_replace_the_input(
@@ -355,7 +347,37 @@ def test_cuda_without_cuda(
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("option", "value"), [("--num-batches", "0"), ("--device", "tpu")])
+def test_tol_stops_early_and_says_so(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = f"{FACTORIES}:make_long_loader"
+    args = recompute_args(checkpoint, tmp_path / "out.pt", data=data, num_batches="48")
+    assert _cli.main([*args, "--tol", "0.3"]) == 0
+    out = capsys.readouterr()
+    assert "over 16 batches (1024 samples); tol=0.3 reached" in out.out
+    assert out.err == ""
+    rows = [line.split() for line in out.out.splitlines() if re.match(r"  \S+ +\d+ ", line)]
+    assert rows
+    for row in rows:  # rel. error and n_eff columns are filled in
+        assert float(row[6]) <= 0.3
+        assert float(row[7]) > 0
+
+
+def test_tol_out_of_reach_warns(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = recompute_args(checkpoint, tmp_path / "out.pt")
+    assert _cli.main([*args, "--tol", "0.01"]) == 0
+    out = capsys.readouterr()
+    assert "over 4 batches (32 samples); tol=0.01 not reached" in out.out
+    assert "tol=0.01 was not reached" in out.err
+    assert (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--num-batches", "0"), ("--device", "tpu"), ("--tol", "0"), ("--tol", "nan")],
+)
 def test_argparse_rejects_bad_values(
     option: str, value: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

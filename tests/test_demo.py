@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -51,6 +52,22 @@ def test_json_structure(report: dict[str, Any]) -> None:
     for value in report["accuracy"].values():
         images = value * report["test_size"]
         assert images == pytest.approx(round(images), abs=1e-6)
+    # How far the SWA model's BN layers moved, as precisebn.report gives it.
+    moved = report["report"]
+    assert list(moved) == ["1", "4", "8"]
+    assert [layer["channels"] for layer in moved.values()] == [16, 32, 64]
+    for layer in moved.values():
+        assert set(layer) == {
+            "channels",
+            "shift_mean",
+            "shift_max",
+            "ratio_min",
+            "ratio_max",
+            "rel_error",
+            "n_eff",
+        }
+        assert 0 < layer["shift_mean"] <= layer["shift_max"]
+        assert 0 < layer["ratio_min"] <= layer["ratio_max"]
 
 
 def test_precise_beats_stale_on_swa_weights(report: dict[str, Any]) -> None:
@@ -70,6 +87,14 @@ def test_table_precedes_the_json(
         row = next(line for line in lines if line.strip().startswith(label))
         assert row.split()[-2] == f"{report['accuracy'][name]:.2%}"
     assert any(line.startswith("SWA weights: ") for line in lines)
+    # Then the report of the SWA model's layers, after the verdict.
+    heading = lines.index("what moved in the averaged model's BN layers:")
+    assert heading > max(i for i, line in enumerate(lines) if line.startswith("Peer: "))
+    rows = [line.split() for line in lines[heading:] if re.match(r"  \S+ +\d+ ", line)]
+    assert [row[:2] for row in rows] == [["1", "16"], ["4", "32"], ["8", "64"]]
+    for row, figures in zip(rows, report["report"].values(), strict=True):
+        assert float(row[3]) == pytest.approx(figures["shift_max"], abs=1e-3)
+    assert sum(row[-1] == "*" for row in rows) == 1
     assert quick_run.stderr == ""  # no status line when stderr is not a terminal
 
 
@@ -77,6 +102,7 @@ def test_deterministic_for_a_seed(report: dict[str, Any]) -> None:
     threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
     again = _demo.run_demo(seed=SEED, quick=True).to_json()
     assert (again["accuracy"], again["loss"]) == (report["accuracy"], report["loss"])
+    assert again["report"] == report["report"]
     # The caller's thread count and random state are left alone.
     assert torch.get_num_threads() == threads
     assert torch.equal(torch.random.get_rng_state(), rng)

@@ -96,10 +96,31 @@ def recompute(model: nn.Module, loader: Any, **kwargs: Any) -> Result:
         new = precisebn.recompute_bn_buffers(model, loader, forward=feed, **kwargs)
     return {
         "buffers": dict(new),
+        "stderr": dict(new.stderr),
+        "converged": new.converged,
         "num_batches": new.num_batches,
         "num_samples": new.num_samples,
         "warnings": [str(w.message) for w in caught],
     }
+
+
+class Counted:
+    """An endless loader of i.i.d. batches (one stream per rank) that counts what is read."""
+
+    def __init__(self, rank: int, *, limit: int | None = None) -> None:
+        self.gen = torch.Generator().manual_seed(100 + rank)
+        self.limit = limit
+        self.read = 0
+
+    def __iter__(self) -> Any:
+        while self.limit is None or self.read < self.limit:
+            self.read += 1
+            yield torch.randn(64, 4, generator=self.gen) * 2 + 1
+
+
+def tol_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
 
 
 # --- scenarios, run by every rank in this order -------------------------------------------
@@ -191,6 +212,29 @@ def s_hand_loop(rank: int, world: int) -> Result:
         return {"buffers": precisebn.finalize(stats, like=precisebn.bn_buffers(model))}
 
 
+def s_tol(rank: int, world: int) -> Result:
+    loader = Counted(rank)
+    new = precisebn.recompute_bn_buffers(tol_model(), loader, num_batches=5000, tol=3e-2)
+    return {
+        "buffers": dict(new),
+        "converged": new.converged,
+        "read": loader.read,
+        "num_batches": new.num_batches,
+    }
+
+
+def s_tol_uneven(rank: int, world: int) -> Result:
+    """Rank 0 runs out of batches long before the others have converged."""
+    loader = Counted(rank, limit=20 if rank == 0 else None)
+    new = precisebn.recompute_bn_buffers(tol_model(), loader, num_batches=5000, tol=2e-2)
+    return {
+        "buffers": dict(new),
+        "converged": new.converged,
+        "read": loader.read,
+        "num_batches": new.num_batches,
+    }
+
+
 def s_subgroup(rank: int, world: int) -> Result:
     group = dist.new_group([0, 2])
     model = make_model()
@@ -216,6 +260,8 @@ SCENARIOS: dict[str, tuple[Callable[[int, int], Result], int]] = {
     "sync_bn": (s_sync_bn, 2),
     "opt_out": (s_opt_out, 2),
     "hand_loop": (s_hand_loop, 2),
+    "tol": (s_tol, 2),
+    "tol_uneven": (s_tol_uneven, 2),
     "subgroup": (s_subgroup, 3),
 }
 
@@ -319,6 +365,47 @@ def test_unequal_shards_match_the_single_process_union(world: list[dict[str, Res
     assert results[0]["num_batches"] == sum(range(1, n + 1))
     assert results[0]["num_samples"] == sum((r + 1) * (3 + 2 * r) for r in range(n))
     assert all(r["num_batches"] == results[0]["num_batches"] for r in results)
+
+
+def test_standard_errors_match_the_single_process_union(
+    world: list[dict[str, Result]],
+) -> None:
+    results = ranks(world, "unequal")
+    for result in results[1:]:
+        for key, value in result["stderr"].items():
+            torch.testing.assert_close(  # NaN: a layer no batch reached
+                value, results[0]["stderr"][key], rtol=0, atol=0, equal_nan=True
+            )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = precisebn.recompute_bn_buffers(
+            make_model(), union("unequal", len(results)), forward=feed, layers=["bn", "bn1"]
+        ).stderr
+    got = {k: v for k, v in results[0]["stderr"].items() if k in want}
+    assert_close_buffers(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_tol_stops_every_rank_at_the_same_batch(world: list[dict[str, Result]]) -> None:
+    results = ranks(world, "tol")
+    assert_identical_across_ranks(results)
+    reads = {r["read"] for r in results}
+    assert len(reads) == 1, reads  # each rank read the same number of batches...
+    (read,) = reads
+    assert read % 16 == 0
+    assert 16 <= read < 5000
+    assert all(r["converged"] is True for r in results)
+    assert results[0]["num_batches"] == read * len(results)
+
+
+def test_tol_with_a_rank_that_runs_out(world: list[dict[str, Result]]) -> None:
+    results = ranks(world, "tol_uneven")
+    assert_identical_across_ranks(results)
+    assert results[0]["read"] == 20
+    others = {r["read"] for r in results[1:]}
+    assert len(others) == 1, others
+    assert next(iter(others)) > 20, others
+    assert all(r["converged"] is True for r in results)
+    assert results[0]["num_batches"] == 20 + sum(r["read"] for r in results[1:])
 
 
 def test_a_rank_without_batches_contributes_nothing(world: list[dict[str, Result]]) -> None:

@@ -16,6 +16,7 @@ from precisebn._moments import init as init
 from precisebn._moments import merge as merge
 from precisebn._recompute import recompute_bn_buffers as recompute_bn_buffers
 from precisebn._recompute import update as update
+from precisebn._report import report as report
 
 __all__ = [
     "BNBuffers",
@@ -31,6 +32,7 @@ __all__ = [
     "init",
     "merge",
     "recompute_bn_buffers",
+    "report",
     "update",
 ]
 __version__ = "0.1.0"

@@ -35,6 +35,18 @@ class BNBuffers(dict[str, Tensor]):
     Attributes:
         num_batches: batches run through the model.
         num_samples: sum of the leading dimension of each batch's first tensor.
+        stderr: the estimated standard error of each value, keyed and shaped like the
+            buffers (float64, on the buffers' devices), from the spread of the batches'
+            moments: see *How many batches?* in the docs. Empty when not estimated.
+        n_eff: per layer, the effective number of independent values behind its
+            ``running_mean`` (the median over its channels of ``var / stderr(mean)**2``):
+            about the number of values when they are independent, below it when
+            neighbouring positions of one image are correlated, and above it when the
+            values of one batch are negatively correlated (a layer behind another BN layer,
+            which normalises every batch to the same mean). It is an estimate from the
+            batches' spread, with the noise of ``B - 1`` degrees of freedom.
+        converged: with ``tol=``, whether every recomputed channel reached it; ``None``
+            when no tolerance was asked for.
 
     Example:
         >>> import io, optree, torch, precisebn
@@ -55,13 +67,37 @@ class BNBuffers(dict[str, Tensor]):
 
     num_batches: int
     num_samples: int
+    stderr: dict[str, Tensor]
+    n_eff: dict[str, float]
+    converged: bool | None
 
     def __init__(
-        self, buffers: Mapping[str, Tensor], *, num_batches: int, num_samples: int
+        self,
+        buffers: Mapping[str, Tensor],
+        *,
+        num_batches: int,
+        num_samples: int,
+        stderr: Mapping[str, Tensor] | None = None,
+        n_eff: Mapping[str, float] | None = None,
+        converged: bool | None = None,
     ) -> None:
         super().__init__(buffers)
         self.num_batches = num_batches
         self.num_samples = num_samples
+        self.stderr = dict(stderr) if stderr is not None else {}
+        self.n_eff = dict(n_eff) if n_eff is not None else {}
+        self.converged = converged
+
+    def _like(self, buffers: Mapping[str, Tensor]) -> BNBuffers:
+        """New buffers with this result's attributes."""
+        return BNBuffers(
+            buffers,
+            num_batches=self.num_batches,
+            num_samples=self.num_samples,
+            stderr=self.stderr,
+            n_eff=self.n_eff,
+            converged=self.converged,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -75,13 +111,14 @@ class BNBuffers(dict[str, Tensor]):
         return (collections.OrderedDict, (), None, None, iter(self.items()))
 
     def __copy__(self) -> BNBuffers:
-        return BNBuffers(self, num_batches=self.num_batches, num_samples=self.num_samples)
+        return self._like(self)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BNBuffers:
-        out = BNBuffers({}, num_batches=self.num_batches, num_samples=self.num_samples)
+        out = self._like({})
         memo[id(self)] = out
         for key, value in self.items():
             out[key] = copy.deepcopy(value, memo)
+        out.stderr = copy.deepcopy(self.stderr, memo)
         return out
 
 
@@ -181,6 +218,32 @@ def _nonfinite_keys(buffers: Mapping[str, Tensor]) -> list[str]:
 # are part of the tree structure: two results with different counts do not match.
 
 
+class _Extras:
+    """The standard errors and convergence of a result, carried through pytree operations
+    as they are (``stderr`` is not mapped). Every holder compares equal, also to none (a
+    structure loaded from its dumped form), so two results' tree structures match whatever
+    their errors, as they do whatever their values."""
+
+    def __init__(self, buffers: BNBuffers) -> None:
+        self.stderr, self.n_eff, self.converged = buffers.stderr, buffers.n_eff, buffers.converged
+
+    def __eq__(self, other: object) -> bool:
+        return other is None or isinstance(other, _Extras)
+
+    def __hash__(self) -> int:
+        return 0
+
+    def build(self, buffers: Mapping[str, Tensor], num_batches: int, num_samples: int) -> BNBuffers:
+        return BNBuffers(
+            buffers,
+            num_batches=num_batches,
+            num_samples=num_samples,
+            stderr=self.stderr,
+            n_eff=self.n_eff,
+            converged=self.converged,
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class _OptreeNode:
     """optree metadata: compares like optree's dict node (on sorted keys) plus the counts.
@@ -193,31 +256,39 @@ class _OptreeNode:
     num_batches: int
     num_samples: int
     order: tuple[str, ...] = dataclasses.field(compare=False, repr=False)
+    extras: _Extras | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def _optree_flatten(
     buffers: BNBuffers,
 ) -> tuple[list[Tensor], _OptreeNode, tuple[str, ...]]:
     keys = tuple(total_order_sorted(buffers))
-    node = _OptreeNode(keys, buffers.num_batches, buffers.num_samples, order=tuple(buffers))
+    node = _OptreeNode(
+        keys,
+        buffers.num_batches,
+        buffers.num_samples,
+        order=tuple(buffers),
+        extras=_Extras(buffers),
+    )
     return [buffers[key] for key in keys], node, keys
 
 
 def _optree_unflatten(node: _OptreeNode, children: Iterable[Tensor]) -> BNBuffers:
     by_key = dict(zip(node.keys, children, strict=True))
-    return BNBuffers(
-        {key: by_key[key] for key in node.order},
-        num_batches=node.num_batches,
-        num_samples=node.num_samples,
-    )
+    ordered = {key: by_key[key] for key in node.order}
+    if node.extras is None:
+        return BNBuffers(ordered, num_batches=node.num_batches, num_samples=node.num_samples)
+    return node.extras.build(ordered, node.num_batches, node.num_samples)
 
 
-# torch's context: (keys in insertion order, num_batches, num_samples), as torch's dict.
-_TorchContext = tuple[tuple[str, ...], int, int]
+# torch's context: (keys in insertion order, num_batches, num_samples, extras), as torch's
+# dict plus the attributes. The dumpable form (torch.export) keeps the counts only.
+_TorchContext = tuple[tuple[str, ...], int, int, _Extras | None]
 
 
 def _torch_flatten(buffers: BNBuffers) -> tuple[list[Tensor], _TorchContext]:
-    return list(buffers.values()), (tuple(buffers), buffers.num_batches, buffers.num_samples)
+    context = (tuple(buffers), buffers.num_batches, buffers.num_samples, _Extras(buffers))
+    return list(buffers.values()), context
 
 
 def _torch_flatten_with_keys(
@@ -232,20 +303,21 @@ def _torch_flatten_with_keys(
 
 
 def _torch_unflatten(values: Any, context: _TorchContext) -> BNBuffers:
-    keys, num_batches, num_samples = context
-    return BNBuffers(
-        dict(zip(keys, values, strict=True)), num_batches=num_batches, num_samples=num_samples
-    )
+    keys, num_batches, num_samples, extras = context
+    buffers = dict(zip(keys, values, strict=True))
+    if extras is None:
+        return BNBuffers(buffers, num_batches=num_batches, num_samples=num_samples)
+    return extras.build(buffers, num_batches, num_samples)
 
 
 def _torch_to_dumpable(context: _TorchContext) -> list[Any]:
-    keys, num_batches, num_samples = context
+    keys, num_batches, num_samples, _ = context
     return [list(keys), num_batches, num_samples]
 
 
 def _torch_from_dumpable(dumped: list[Any]) -> _TorchContext:
     keys, num_batches, num_samples = dumped
-    return tuple(keys), int(num_batches), int(num_samples)
+    return tuple(keys), int(num_batches), int(num_samples), None
 
 
 # optree keeps its global namespace (the one ``tree_map`` uses when given none) behind a

@@ -29,19 +29,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from precisebn import __version__, _demo
 from precisebn._batches import BatchLayoutError, Forward
 from precisebn._buffers import BNBuffers
 from precisebn._recompute import recompute_bn_buffers
+from precisebn._report import eps_by_layer, report
 
 logger = logging.getLogger("precisebn")
-
-_SUMMARY_LEGEND = """\
-  shift: |old mean - new mean| / new std, per channel (0: unchanged)
-  var ratio: old var / new var, per channel (1: unchanged)
-  *: moved most (the largest shift or |log var ratio|)"""
 
 
 class CLIError(Exception):
@@ -224,6 +219,15 @@ def _add_recompute(sub: Any, common: argparse.ArgumentParser) -> None:
         help="the most batches to use (default: 200)",
     )
     rec.add_argument(
+        "--tol",
+        type=_positive_float,
+        default=None,
+        metavar="TOL",
+        help="stop once every channel's standard errors are within TOL of its statistics "
+        "(e.g. 0.01), checked every 16 batches from batch 16 on; --num-batches stays the "
+        "cap (default: use every batch up to the cap)",
+    )
+    rec.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)"
     )
     rec.add_argument(
@@ -277,6 +281,16 @@ def _add_recompute(sub: Any, common: argparse.ArgumentParser) -> None:
     rec.set_defaults(command="recompute", run=run_recompute_command)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -309,7 +323,7 @@ def _logging_to_stderr(*, verbosity: int) -> Iterator[None]:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    """``precisebn demo``: train, recompute, print the table (and the JSON line)."""
+    """``precisebn demo``: train, recompute, print the tables (and the JSON line)."""
     if sys.stderr.isatty():
         print("training on scikit-learn's digits ...", file=sys.stderr, flush=True)
     try:
@@ -320,6 +334,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
     print()
     for line in _demo.verdict(result):
         print(line)
+    print()
+    print("what moved in the averaged model's BN layers:")
+    print(result.report)
     if args.json:
         print(json.dumps(result.to_json(), sort_keys=True))
     return 0
@@ -345,16 +362,20 @@ def run_recompute_command(args: argparse.Namespace) -> int:
         model,
         loader,
         num_batches=args.num_batches,
+        tol=args.tol,
         forward=forward,
         progress=_want_progress(args.progress),
         direct=not args.no_direct,
     )
-    moves = summarize(checkpoint.state, new, eps=_eps_by_layer(model))
+    moved = report(checkpoint.state, new, eps=eps_by_layer(model), top=args.top)
+    reached = ""
+    if new.converged is not None:
+        reached = f"; tol={args.tol:g} {'reached' if new.converged else 'not reached'}"
     print(
-        f"recomputed {len(moves)} BatchNorm layers over {new.num_batches} batches "
-        f"({new.num_samples} samples)"
+        f"recomputed {len(moved)} BatchNorm layers over {new.num_batches} batches "
+        f"({new.num_samples} samples){reached}"
     )
-    print(format_summary(moves, top=args.top))
+    print(moved)
     updated = {k: v.detach().to("cpu", checkpoint.state[k].dtype) for k, v in new.items()}
     _write(checkpoint.with_state(updated), args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
@@ -366,6 +387,7 @@ def _recompute(
     loader: Iterable[Any],
     *,
     num_batches: int,
+    tol: float | None = None,
     forward: Forward | None,
     progress: bool,
     direct: bool = True,
@@ -378,6 +400,7 @@ def _recompute(
                 model,
                 loader,
                 num_batches=num_batches,
+                tol=tol,
                 forward=forward,
                 progress=progress,
                 direct=direct,
@@ -728,106 +751,3 @@ def _commit(tmp: Path, out: Path, *, overwrite: bool) -> None:
         if out.exists():
             raise exists
     os.replace(tmp, out)
-
-
-# ------------------------------------------------------------------------ summary
-
-
-@dataclass(frozen=True)
-class LayerMove:
-    """How far one layer's statistics moved, summarised over its channels.
-
-    Attributes:
-        layer: the module name.
-        channels: the number of channels.
-        shift_mean: mean over channels of ``|old mean - new mean| / sqrt(new var + eps)``.
-        shift_max: the largest such shift.
-        ratio_min: the smallest ``(old var + eps) / (new var + eps)``.
-        ratio_max: the largest such ratio.
-    """
-
-    layer: str
-    channels: int
-    shift_mean: float
-    shift_max: float
-    ratio_min: float
-    ratio_max: float
-
-    @property
-    def score(self) -> float:
-        """How much the layer moved: the larger of the largest shift and ``|ln ratio|``."""
-        return max(self.shift_max, abs(math.log(self.ratio_min)), abs(math.log(self.ratio_max)))
-
-
-def summarize(
-    old: Mapping[str, Any], new: Mapping[str, Any], *, eps: Mapping[str, float]
-) -> list[LayerMove]:
-    """Compare old and new buffers, layer by layer, in the order of ``new``.
-
-    Args:
-        old: buffers keyed ``"<layer>.running_mean"`` / ``"<layer>.running_var"``.
-        new: the recomputed buffers, same keys.
-        eps: each layer's ``eps``.
-
-    Example:
-        >>> import torch
-        >>> old = {"bn.running_mean": torch.tensor([2.0]), "bn.running_var": torch.tensor([4.0])}
-        >>> new = {"bn.running_mean": torch.tensor([0.0]), "bn.running_var": torch.tensor([1.0])}
-        >>> move = summarize(old, new, eps={"bn": 0.0})[0]
-        >>> move.shift_max, move.ratio_max
-        (2.0, 4.0)
-    """
-    moves = []
-    for key in new:
-        if not key.endswith("running_mean"):
-            continue
-        layer = key[: -len("running_mean")].rstrip(".")
-        var_key = key[: -len("mean")] + "var"
-        e = eps.get(layer, 0.0)
-        old_mean, new_mean = (t[key].detach().to("cpu", torch.float64) for t in (old, new))
-        old_var, new_var = (t[var_key].detach().to("cpu", torch.float64) + e for t in (old, new))
-        shift = (old_mean - new_mean).abs() / new_var.sqrt()
-        ratio = old_var / new_var
-        moves.append(
-            LayerMove(
-                layer=layer,
-                channels=int(new_mean.numel()),
-                shift_mean=shift.mean().item(),
-                shift_max=shift.max().item(),
-                ratio_min=ratio.min().item(),
-                ratio_max=ratio.max().item(),
-            )
-        )
-    return moves
-
-
-def format_summary(moves: Sequence[LayerMove], *, top: int | None = None) -> str:
-    """An aligned table of the moves, in module order, flagging the ``top`` that moved most.
-
-    Args:
-        moves: from `summarize`.
-        top: how many layers to flag; default 3, but at most a quarter of the layers
-            (at least one).
-    """
-    if top is None:
-        top = min(3, max(1, len(moves) // 4))
-    flagged = {m.layer for m in sorted(moves, key=lambda m: -m.score)[:top]}
-    names = [m.layer or "<model>" for m in moves]
-    width = max([len("layer"), *map(len, names)])
-    header = (
-        f"  {'layer':<{width}}  {'ch':>5}  {'shift avg':>9}  {'shift max':>9}  "
-        f"{'var ratio min':>13}  {'var ratio max':>13}"
-    )
-    lines = [header, "  " + "-" * (len(header) - 2)]
-    for name, m in zip(names, moves, strict=True):
-        mark = "  *" if m.layer in flagged else ""
-        lines.append(
-            f"  {name:<{width}}  {m.channels:>5}  {m.shift_mean:>9.3f}  {m.shift_max:>9.3f}  "
-            f"{m.ratio_min:>13.3f}  {m.ratio_max:>13.3f}{mark}"
-        )
-    lines.append(_SUMMARY_LEGEND)
-    return "\n".join(lines)
-
-
-def _eps_by_layer(model: nn.Module) -> dict[str, float]:
-    return {name: float(m.eps) for name, m in model.named_modules() if isinstance(m, _BatchNorm)}

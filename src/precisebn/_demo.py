@@ -9,7 +9,8 @@ training, so their BN buffers are whatever the model had when averaging began.
 
 Five models are scored on the held-out images: the final weights with their EMA buffers
 and with precise buffers; the SWA weights with their stale buffers, with precise buffers,
-and with `torch.optim.swa_utils.update_bn` (the peer).
+and with `torch.optim.swa_utils.update_bn` (the peer). A `precisebn.report` of the SWA
+model's layers shows how far recomputation moved its stale statistics.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import copy
 import importlib
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -26,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+from precisebn._buffers import bn_buffers
 from precisebn._recompute import recompute_bn_buffers
+from precisebn._report import Report, eps_by_layer, report
 
 ROWS: dict[str, str] = {
     "ema": "final weights, EMA buffers (as trained)",
@@ -98,6 +101,7 @@ class DemoResult:
         train_size: number of training images.
         test_size: number of test images.
         seconds: wall time of training and scoring.
+        report: how far recomputation moved the SWA model's stale BN statistics.
     """
 
     seed: int
@@ -107,9 +111,11 @@ class DemoResult:
     train_size: int
     test_size: int
     seconds: float
+    report: Report = field(default_factory=Report)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict: ``accuracy`` and ``loss`` map each row name to a float."""
+        """A JSON-ready dict: ``accuracy`` and ``loss`` map each row name to a float,
+        ``report`` each BN layer of the SWA model to `Report.to_dict`'s figures."""
         return {
             "seed": self.seed,
             "quick": self.quick,
@@ -119,6 +125,7 @@ class DemoResult:
             "test_size": self.test_size,
             "settings": asdict(self.settings),
             "seconds": round(self.seconds, 3),
+            "report": self.report.to_dict(),
         }
 
 
@@ -252,19 +259,17 @@ def _run(digits: Digits, settings: Settings, *, seed: int, quick: bool) -> DemoR
         for i in range(0, len(digits.train_y), settings.stats_batch)
     ]
     averaged = swa.module
+    stale = {key: value.detach().clone() for key, value in bn_buffers(averaged).items()}
     peer = copy.deepcopy(averaged)
     update_bn(loader, peer)
+    swa_precise = recompute_bn_buffers(averaged, loader, num_batches=len(loader))
     scores = {
         "ema": evaluate(model, digits),
         "precise": evaluate(
             model, digits, buffers=recompute_bn_buffers(model, loader, num_batches=len(loader))
         ),
         "swa_stale": evaluate(averaged, digits),
-        "swa_precise": evaluate(
-            averaged,
-            digits,
-            buffers=recompute_bn_buffers(averaged, loader, num_batches=len(loader)),
-        ),
+        "swa_precise": evaluate(averaged, digits, buffers=swa_precise),
         "swa_update_bn": evaluate(peer, digits),
     }
     return DemoResult(
@@ -275,6 +280,7 @@ def _run(digits: Digits, settings: Settings, *, seed: int, quick: bool) -> DemoR
         train_size=len(digits.train_y),
         test_size=len(digits.test_y),
         seconds=time.perf_counter() - start,
+        report=report(stale, swa_precise, eps=eps_by_layer(averaged)),
     )
 
 

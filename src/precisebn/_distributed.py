@@ -3,8 +3,9 @@
 Three all-reduces (sums) of float64 tensors per run, whatever the number of layers,
 batches or ranks:
 
-1. a header of ``world + 4`` numbers: a failure flag per rank, the batch and sample
-   counts, and a fingerprint of the state's layout (layer names and channel counts).
+1. a header of ``world + 5`` numbers: a failure flag per rank, the batch and sample
+   counts, the ranks still reading batches (for ``tol=``), and a fingerprint of the
+   state's layout (layer names and channel counts).
    It has the same size on every rank, so a rank whose loader raised, or a state laid
    out differently, is reported on every rank before any variable-sized message is sent;
 2. ``[count, count * mean]`` per channel of every layer, and a flag per layer saying
@@ -12,11 +13,13 @@ batches or ranks:
    summed, the global count ``N`` and mean ``mu``;
 3. ``m2 + count * (mean - mu)**2`` of every layer: summed, the global sum of squared
    deviations from ``mu`` (the parallel-axis theorem; every term is non-negative, so
-   the sum does not cancel).
+   the sum does not cancel); in a run of `precisebn.recompute_bn_buffers`, followed by the
+   seven standard-error sums per channel (`precisebn._stderr`), moved to ``mu`` first.
 
 With ``L`` layers and ``C`` channels in all, each rank contributes
-``8 * (world + 4 + L + 3 * C)`` bytes; a ring all-reduce sends and receives about twice
-that per rank. Every rank then derives its result from the same reduced tensors with the
+``8 * (world + 5 + L + 10 * C)`` bytes (``3 * C`` instead of ``10 * C`` without the
+standard errors); a ring all-reduce sends and receives about twice that per rank. Every
+rank then derives its result from the same reduced tensors with the
 same operations, so the results are identical on every rank as long as the backend hands
 every rank the same reduced tensor (gloo's and NCCL's algorithms reduce each element once
 and then distribute it).
@@ -26,18 +29,19 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from precisebn._moments import Moments, Stats
+from precisebn._stderr import Spread, Spreads, recenter
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["abandon", "all_reduce_stats", "reduce_run", "reduction_group"]
+__all__ = ["Reduced", "abandon", "all_reduce_stats", "reduce_run", "reduction_group"]
 
 logger = logging.getLogger("precisebn")
 
@@ -101,24 +105,46 @@ def all_reduce_stats(stats: Stats, *, process_group: ProcessGroup | None = None)
     group = reduction_group(process_group)
     if group is None:
         return dict(stats)
-    return reduce_run(stats, batches=0, samples=0, group=group)[0]
+    return reduce_run(stats, batches=0, samples=0, group=group).stats
+
+
+class Reduced(NamedTuple):
+    """A run reduced over the ranks of a group."""
+
+    stats: Stats
+    spreads: Spreads
+    """The standard-error sums, about each layer's global mean (empty if none were given)."""
+    batches: int
+    samples: int
+    running: int
+    """How many ranks said they are still reading batches."""
 
 
 def reduce_run(
-    stats: Stats, *, batches: int, samples: int, group: ProcessGroup
-) -> tuple[Stats, int, int]:
-    """Reduce a finished run over ``group``: the global state, batch and sample counts.
+    stats: Stats,
+    *,
+    batches: int,
+    samples: int,
+    group: ProcessGroup,
+    spreads: Spreads | None = None,
+    running: bool = False,
+) -> Reduced:
+    """Reduce a run over ``group``: the global state, standard-error sums, batch and sample
+    counts. Every rank must pass ``spreads`` or none does.
 
     Raises:
         RuntimeError: another rank called `abandon` (its loader or forward raised).
         ValueError: the ranks' states are laid out differently.
     """
-    header = _header(stats, batches=batches, samples=samples, failed=False, group=group)
+    header = _header(
+        stats, batches=batches, samples=samples, failed=False, group=group, running=running
+    )
     _check_header(header, stats, group=group)
     world = dist.get_world_size(group)
     batches, samples = int(header[world].item()), int(header[world + 1].item())
+    ranks_running = int(header[world + 2].item())
     if not stats:  # the same on every rank: the layouts were checked
-        return {}, batches, samples
+        return Reduced({}, {}, batches, samples, ranks_running)
     device = _comm_device(stats, group)
     local = [Moments(*(t.to(device, _F64) for t in m)) for m in stats.values()]
     # Counts per channel, and per layer a flag: whether some rank kept them per channel.
@@ -137,15 +163,27 @@ def reduce_run(
         m.m2 + n * (m.mean - mu).square()
         for m, n, mu in zip(local, per_channel, means, strict=True)
     ]
-    second = torch.cat(deviations)
+    moved = []
+    if spreads is not None:  # each rank's sums about the global mean, then summed
+        for layer, mu in zip(stats, means, strict=True):
+            local_spread = Spread(*(t.to(device, _F64) for t in spreads[layer]))
+            moved.append(torch.stack(recenter(local_spread, mu)[1:]))
+    second = torch.cat(deviations + [part.reshape(-1) for part in moved])
     dist.all_reduce(second, group=group)
     out: Stats = {}
-    parts = zip(stats.items(), counts, vector, means, _split(second, local), strict=True)
+    parts = zip(stats.items(), counts, vector, means, _split(second[:channels], local), strict=True)
     for (layer, m), n, is_vector, mu, m2 in parts:
         where = m.mean.device
         count = n if is_vector else n[0]
         out[layer] = Moments(count.to(where), mu.to(where), m2.to(where))
-    return out, batches, samples
+    spread_out: Spreads = {}
+    if spreads is not None:
+        sizes = [7 * m.mean.numel() for m in local]
+        flats = torch.split(second[channels:], sizes)
+        for (layer, m), mu, flat in zip(stats.items(), means, flats, strict=True):
+            where = m.mean.device
+            spread_out[layer] = Spread(mu.to(where), *flat.reshape(7, -1).to(where).unbind(0))
+    return Reduced(out, spread_out, batches, samples, ranks_running)
 
 
 def abandon(stats: Stats, *, group: ProcessGroup) -> None:
@@ -162,12 +200,19 @@ def abandon(stats: Stats, *, group: ProcessGroup) -> None:
 
 
 def _header(
-    stats: Stats, *, batches: int, samples: int, failed: bool, group: ProcessGroup
+    stats: Stats,
+    *,
+    batches: int,
+    samples: int,
+    failed: bool,
+    group: ProcessGroup,
+    running: bool = False,
 ) -> Tensor:
-    """All-reduce ``[failure flag per rank, batches, samples, h, h**2]``; return the sums."""
+    """All-reduce ``[failure flag per rank, batches, samples, running, h, h**2]``; return
+    the sums."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     h = float(_fingerprint(stats))
-    values = [0.0] * world + [float(batches), float(samples), h, h * h]
+    values = [0.0] * world + [float(batches), float(samples), float(running), h, h * h]
     values[rank] = float(failed)
     header = torch.tensor(values, dtype=_F64).to(_comm_device(stats, group))
     dist.all_reduce(header, group=group)

@@ -16,6 +16,11 @@ A direct batch (see `precisebn._direct`) arrives as the run's live ``[2, C]`` bu
 which hold each layer's update factor times its moments: they are copied into the batch's
 row, and the pooling divides that row by the factors in float64.
 
+Pooling also adds the sums behind the standard errors (`precisebn._stderr`): seven more
+float64 sums per channel, from the same rows, so the errors cost no work per batch. A
+batch in which a layer ran more than once counts as one draw of that layer: its calls are
+pooled before they enter those sums.
+
 Pooling also notes whether the sums are still finite, so that NaN or infinity is
 reported with the layers it reached and the block of batches where it first appeared, at
 the cost of three operations per block and one transfer at the end.
@@ -32,7 +37,8 @@ from torch import Tensor
 
 from precisebn._capture import Record, collect
 from precisebn._layers import STAT_NAMES, buffer_key
-from precisebn._moments import Moments, Stats, merge, nonfinite_message
+from precisebn._moments import Moments, Stats, from_batch, merge, merge_layer, nonfinite_message
+from precisebn._stderr import Spread, Spreads, accumulate, terms
 from precisebn._tags import Call, Entry
 
 BLOCK = 16
@@ -80,12 +86,22 @@ class BlockFold:
         # a row's first intercepted batch (direct batches copy whole rows).
         self.slots: list[list[tuple[Tensor, Tensor]] | None] = [None] * rows
         self._rows = list(self.block.unbind(0))
-        # The run's shifted sums per channel (see _pool); the shift is set by the first pool.
+        # The run's shifted sums per channel (see _pool).
         channels = offsets[-1]
         self._n, self._s1, self._q = (
             torch.zeros(channels, dtype=torch.float64, device=self.device) for _ in range(3)
         )
-        self._shift: Tensor | None = None
+        # Per channel, set from the first rows that reach it (its sums are all 0 until then,
+        # so setting it changes nothing): the sums stay well conditioned even for channels
+        # of a sliced layer that the first batches did not cover.
+        self._shift = torch.zeros(channels, dtype=torch.float64, device=self.device)
+        # The standard-error sums (see precisebn._stderr) of all channels, about the shift.
+        self._spread = Spread(
+            self._shift, *torch.zeros(7, channels, dtype=torch.float64, device=self.device)
+        )
+        # Batches since the last pool in which a layer ran more than once: the layer, its
+        # first call's moments (the row's) and the moments of all its calls.
+        self._clusters: list[tuple[int, Moments | None, Moments]] = []
         self._finite: list[Tensor] = []
         self._pools: list[tuple[int, int]] = []
         self.residual: Stats = {}
@@ -157,8 +173,14 @@ class BlockFold:
         self.batch_factors.append(None)
         self.batch_index.append(index)
         if self.extra:
-            self.residual = merge(self.residual, collect(self.extra))
+            extra = collect(self.extra)
+            self.residual = merge(self.residual, extra)
             self._residual_finite.append((index, _finite(self.residual.values()).all()))
+            for layer, more in extra.items():
+                i = self.index[layer]
+                first = self._row_moments(i)
+                cluster = more if first is None else merge_layer(first, more)
+                self._clusters.append((i, first, cluster))
         self._start_batch()
         self._advance()
         return observed
@@ -172,6 +194,19 @@ class BlockFold:
         self.batch_factors.append(factors)
         self.batch_index.append(index)
         self._advance()
+
+    def _row_moments(self, i: int) -> Moments | None:
+        """The moments the current row holds for layer ``i`` (its first call), if any."""
+        entry = self.entries[i]
+        if entry == 0:
+            return None
+        count, span = entry if isinstance(entry, tuple) else (entry, None)
+        a, b = self.spans[i]
+        mean, var = self.block[self.k, :, a:b].to(torch.float64, copy=True)
+        if span is not None:
+            index = slice(span.start, span.stop, span.step)
+            mean, var = mean[index], var[index]
+        return from_batch(count, mean, var, span=span, size=self.sizes[i])
 
     def _advance(self) -> None:
         self.k += 1
@@ -192,8 +227,7 @@ class BlockFold:
         total = self._n.clamp_min(1.0)
         mean = self._s1 / total
         m2 = (self._q - self._s1 * mean).clamp_min_(0.0)
-        if self._shift is not None:
-            mean += self._shift
+        mean += self._shift
         stats = {
             layer: Moments(
                 self._n[a:b].clone() if self._sliced[i] else self._n[a].clone(),
@@ -203,6 +237,14 @@ class BlockFold:
             for i, (layer, (a, b)) in enumerate(zip(self.layers, self.spans, strict=True))
         }
         return merge(stats, self.residual)
+
+    def spreads(self) -> Spreads:
+        """Per layer, the standard-error sums of every batch closed so far (after `result`)."""
+        self._pool()
+        return {
+            layer: Spread(*(x[a:b] for x in self._spread))
+            for layer, (a, b) in zip(self.layers, self.spans, strict=True)
+        }
 
     def _check_finite(self) -> None:
         """Raise if NaN or infinity reached a layer, naming the layers and the first batches.
@@ -258,17 +300,46 @@ class BlockFold:
             means = part[:, 0].to(torch.float64, copy=True)  # worked on in place
             if weights.unscale is not None:
                 means.mul_(weights.unscale)
-            if self._shift is None:
-                self._shift = means.mean(0)
+            self._set_shift(weights.n > 0, means.mean(0), slice(None))
             deviations = means.sub_(self._shift)
-            self._s1.addcmul_(weights.n, deviations.sum(0))
-            self._q.addcmul_(weights.var, part[:, 1].sum(0, dtype=torch.float64))
-            self._q.addcmul_(weights.n, deviations.square_().sum(0))
+            squares = deviations.square()
+            # t_k: each row's sum of squared deviations about the shift, per channel.
+            t = part[:, 1].to(torch.float64).mul_(weights.var).addcmul_(squares, weights.n)
+            sum_e, sum_e2, sum_t = deviations.sum(0), squares.sum(0), t.sum(0)
+            self._s1.addcmul_(weights.n, sum_e)
+            self._q.add_(sum_t)
             self._n.add_(weights.n, alpha=len(members))
+            sp = self._spread
+            sp.batches.add_(weights.reached, alpha=len(members))
+            sp.n2.add_(weights.n2, alpha=len(members))
+            sp.n2e.addcmul_(weights.n2, sum_e)
+            sp.n2e2.addcmul_(weights.n2, sum_e2)
+            sp.t2.add_(t.square().sum(0))
+            sp.tne.addcmul_(weights.n, t.mul_(deviations).sum(0))
+            sp.tn.addcmul_(weights.n, sum_t)
+        for layer, first_call, all_calls in self._clusters:
+            a, b = self.spans[layer]
+            self._set_shift(
+                all_calls.count.expand_as(all_calls.mean) > 0, all_calls.mean, slice(a, b)
+            )
+            sums = Spread(*(x[a:b] for x in self._spread))
+            sums = accumulate(sums, terms(all_calls, sums.center))
+            if first_call is not None:
+                sums = accumulate(sums, terms(first_call, sums.center), sign=-1.0)
+            for x, y in zip(self._spread[1:], sums[1:], strict=True):
+                x[a:b] = y
+        self._clusters = []
         # One flag per pool, read at the end: the sums stay non-finite once they are.
         self._finite.append((self._s1 + self._q).isfinite().all())
         self._pools.append((self.batch_index[0], self.batch_index[-1]))
         self.k, self.batch_entries, self.batch_factors, self.batch_index = 0, [], [], []
+
+    def _set_shift(self, reached: Tensor, mean: Tensor, where: slice) -> None:
+        """Shift the channels ``where`` that ``reached`` and whose sums are still empty to
+        ``mean``, without a host sync."""
+        fresh = reached & (self._n[where] == 0) & (self._spread.batches[where] == 0)
+        shift = self._shift[where]
+        shift.copy_(torch.where(fresh, mean, shift))
 
     def _weights(self, key: tuple[tuple[Entry, ...], tuple[float, ...] | None]) -> _Weights:
         """Per channel: ``n``; the weight of the summed row variances in ``Q`` (``n - 1``,
@@ -286,7 +357,9 @@ class BlockFold:
                     [1.0 / f if f else 1.0 for f in factors], self.sizes, self.device
                 )
                 var = var * unscale
-            weights = self._weight_cache[key] = _Weights(n, var, unscale)
+            weights = self._weight_cache[key] = _Weights(
+                n, var, unscale, n.square(), (n > 0).to(torch.float64)
+            )
         return weights
 
 
@@ -299,6 +372,8 @@ class _Weights(NamedTuple):
     n: Tensor
     var: Tensor
     unscale: Tensor | None
+    n2: Tensor
+    reached: Tensor
 
 
 def _per_channel(values: Sequence[Entry | float], sizes: list[int], device: torch.device) -> Tensor:

@@ -28,6 +28,7 @@ from precisebn._capture import (
     collect,
     one_value_message,
 )
+from precisebn._converge import Stopper, check_tol, warn_not_converged, worst
 from precisebn._direct import (
     Known,
     Signatures,
@@ -41,6 +42,7 @@ from precisebn._distributed import abandon, reduce_run, reduction_group
 from precisebn._fold import BlockFold
 from precisebn._layers import LayerSelector
 from precisebn._moments import Stats, finalize, init, merge
+from precisebn._stderr import MIN_BATCHES, Spreads, standard_errors
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -115,6 +117,7 @@ def recompute_bn_buffers(
     loader: Iterable[Any],
     *,
     num_batches: int = 200,
+    tol: float | None = None,
     layers: LayerSelector = None,
     forward: Forward | None = None,
     params: Mapping[str, Tensor] | None = None,
@@ -144,6 +147,12 @@ def recompute_bn_buffers(
             with ``track_running_stats=True``.
         loader: any iterable of batches.
         num_batches: the most batches to use; a shorter loader is fine.
+        tol: stop early, at the first pooling point (every 16 batches, from batch 16 on)
+            where every recomputed channel's standard errors are within ``tol`` of its
+            statistics: ``stderr(mean) / std <= tol`` and ``stderr(var) / var <= tol``.
+            ``num_batches`` stays the cap; reaching it first warns, naming the least
+            precise layer. The errors assume exchangeable batches: shuffle the loader.
+            ``None`` (the default) runs every batch.
         layers: which BN layers to recompute: ``None`` for all, an iterable of module names,
             or a predicate ``(name, module) -> bool``. The others keep their buffers and run
             as the caller left them (a frozen layer in eval mode uses its running statistics).
@@ -178,7 +187,10 @@ def recompute_bn_buffers(
         BNBuffers: a ``dict`` keyed ``"<layer>.running_mean"`` and
         ``"<layer>.running_var"``, each with the dtype, device and shape of the buffer it
         replaces, sharing no storage with it; ``.num_batches`` and ``.num_samples`` say how
-        much data was used (summed over the ranks when pooled). A layer no batch reached
+        much data was used (summed over the ranks when pooled). ``.stderr`` holds the
+        standard error of every value (keyed and shaped like the buffers), ``.n_eff`` the
+        effective number of independent values per layer, and ``.converged`` whether
+        ``tol`` was reached (``None`` without ``tol``). A layer no batch reached
         keeps its buffers (with a warning; when pooled, the same on every rank). A batch in
         which a recomputed layer sees a single value per channel (a last batch of one
         sample) is skipped with a warning and not counted.
@@ -208,17 +220,27 @@ def recompute_bn_buffers(
     """
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+    tol = check_tol(tol)
     runner = Runner(model, layers=layers, params=params, buffers=buffers, forward=forward)
     group = reduction_group(process_group) if distributed else None
+    stopper = Stopper(tol, group=group) if tol is not None else None
     try:
-        run = _accumulate(runner, loader, num_batches=num_batches, progress=progress, direct=direct)
+        run = _accumulate(
+            runner,
+            loader,
+            num_batches=num_batches,
+            progress=progress,
+            direct=direct,
+            stopper=stopper,
+        )
     except Exception:
         if group is not None:  # the other ranks raise too, instead of waiting for this one
             abandon(init(runner.bn_buffers), group=group)
         raise
-    stats, used, samples = run.stats, run.batches, run.samples
+    stats, spreads, used, samples = run.stats, run.spreads, run.batches, run.samples
     if group is not None:
-        stats, used, samples = reduce_run(stats, batches=used, samples=samples, group=group)
+        reduced = reduce_run(stats, batches=used, samples=samples, group=group, spreads=spreads)
+        stats, spreads, used, samples = reduced[:4]
     if used == 0:
         where = " on any rank" if group else ""
         if run.skipped:
@@ -227,11 +249,27 @@ def recompute_bn_buffers(
     logger.info(
         "recomputed %d BatchNorm layers over %d batches (%d samples)", len(stats), used, samples
     )
-    return BNBuffers(finalize(stats, like=runner.bn_buffers), num_batches=used, num_samples=samples)
+    new = finalize(stats, like=runner.bn_buffers)
+    stderr, n_eff = standard_errors(stats, spreads, like=runner.bn_buffers)
+    converged = None
+    if tol is not None:
+        found = worst(stats, spreads)
+        converged = used >= MIN_BATCHES and found is not None and found.error <= tol
+        if not converged:
+            warn_not_converged(found, tol=tol, batches=used)
+    return BNBuffers(
+        new,
+        num_batches=used,
+        num_samples=samples,
+        stderr=stderr,
+        n_eff=n_eff,
+        converged=converged,
+    )
 
 
 class _Run(NamedTuple):
     stats: Stats
+    spreads: Spreads
     batches: int
     samples: int
     skipped: list[tuple[int, str]]
@@ -243,14 +281,22 @@ class _RestartError(Exception):
 
 
 def _accumulate(
-    runner: Runner, loader: Iterable[Any], *, num_batches: int, progress: bool, direct: bool
+    runner: Runner,
+    loader: Iterable[Any],
+    *,
+    num_batches: int,
+    progress: bool,
+    direct: bool,
+    stopper: Stopper | None,
 ) -> _Run:
     """Fold up to ``num_batches`` batches of ``loader``, starting again if direct batches
     turn out to be unsafe."""
     batches = _iterate(loader)
     expected = _expected_batches(loader, num_batches)
     try:
-        run = _attempt(runner, batches, expected=expected, progress=progress, direct=direct)
+        run = _attempt(
+            runner, batches, expected=expected, progress=progress, direct=direct, stopper=stopper
+        )
     except _RestartError as failed:
         if batches is loader:  # an iterator: what was read is gone
             raise RuntimeError(
@@ -265,7 +311,14 @@ def _accumulate(
             UserWarning,
             stacklevel=3,
         )
-        run = _attempt(runner, _iterate(loader), expected=expected, progress=progress, direct=False)
+        run = _attempt(
+            runner,
+            _iterate(loader),
+            expected=expected,
+            progress=progress,
+            direct=False,
+            stopper=stopper,
+        )
     if run.skipped:
         shown = "; ".join(f"batch {i}: {why}" for i, why in run.skipped[:3])
         more = f" and {len(run.skipped) - 3} more" if len(run.skipped) > 3 else ""
@@ -289,10 +342,16 @@ def _iterate(loader: Iterable[Any]) -> Iterator[Any]:
 
 
 def _attempt(
-    runner: Runner, batches: Iterator[Any], *, expected: int, progress: bool, direct: bool
+    runner: Runner,
+    batches: Iterator[Any],
+    *,
+    expected: int,
+    progress: bool,
+    direct: bool,
+    stopper: Stopper | None,
 ) -> _Run:
-    """One pass over up to ``expected`` batches; raises `_RestartError` when a check of direct
-    batches fails."""
+    """One pass over up to ``expected`` batches (fewer when ``stopper`` says the statistics
+    are precise enough); raises `_RestartError` when a check of direct batches fails."""
     chosen: Iterator[Any] = itertools.islice(batches, expected)
     if progress:
         chosen = _progress_bar(chosen, total=expected)
@@ -301,6 +360,33 @@ def _attempt(
     verifier = Verifier()
     live, calls = runner.live, runner.calls
     runner.reads.clear()
+
+    def intercepted(
+        step: Step, batch: Any, key: Any, known: Known | None, index: int
+    ) -> str | None:
+        """Run a batch with every BN call intercepted; why it was skipped, if it was."""
+        runner.intercept("intercept")  # the tags hold the caller's values again
+        calls.zero_()
+        version = runner.statistics_version()
+        if signatures.watching(key) and known is None:
+            with watch_values(runner.counters) as watch:
+                _run_step(runner, step, batch, index=index)
+            dependent = watch.found is not None
+        else:
+            _run_step(runner, step, batch, index=index)
+            dependent = False
+        if runner.statistics_version() != version:
+            raise ValueError(_written_message(runner.written_layers() or list(runner.reads)))
+        if fold.degenerate_call is not None:
+            call, shape = fold.degenerate_call
+            fold.discard_batch()
+            return one_value_message(call, shape)
+        observed = fold.end_batch(index)
+        if runner.reads:
+            signatures.enabled = False
+        if key is not None:
+            signatures.observe(key, known_from(observed, calls), value_dependent=dependent)
+        return None
 
     def loop(step: Step) -> _Run:
         used = samples = 0
@@ -311,37 +397,24 @@ def _attempt(
             if known is not None and live is not None:
                 _direct_batch(runner, step, batch, known, index=index, check=verifier.due())
                 fold.end_direct(live, known.entries, known.factors, index)
-                used, samples = used + 1, samples + leading_size(leaves)
-                continue
-            runner.intercept("intercept")  # the tags hold the caller's values again
-            calls.zero_()
-            version = runner.statistics_version()
-            if signatures.watching(key) and known is None:
-                with watch_values(runner.counters) as watch:
-                    _run_step(runner, step, batch, index=index)
-                dependent = watch.found is not None
             else:
-                _run_step(runner, step, batch, index=index)
-                dependent = False
-            if runner.statistics_version() != version:
-                raise ValueError(_written_message(runner.written_layers() or list(runner.reads)))
-            if fold.degenerate_call is not None:
-                call, shape = fold.degenerate_call
-                skipped.append((index, one_value_message(call, shape)))
-                fold.discard_batch()
-                continue
-            observed = fold.end_batch(index)
+                why = intercepted(step, batch, key, known, index)
+                if why is not None:
+                    skipped.append((index, why))
+                    continue
             used, samples = used + 1, samples + leading_size(leaves)
-            if runner.reads:
-                signatures.enabled = False
-            if key is not None:
-                signatures.observe(key, known_from(observed, calls), value_dependent=dependent)
+            pooled = stopper is not None and fold.k == 0
+            if pooled and stopper.at_pool(fold, batches=used, samples=samples):  # type: ignore[union-attr]
+                break
+        else:
+            if stopper is not None:  # under torch.distributed: until every rank stops
+                stopper.finish(fold, batches=used, samples=samples)
         check_followed(runner.reads, fold.recorded)
-        return _Run({}, used, samples, skipped)
+        return _Run({}, {}, used, samples, skipped)
 
     with torch.no_grad():
         run = runner.within(loop, sink=fold)
-    return run._replace(stats=fold.result())
+    return run._replace(stats=fold.result(), spreads=fold.spreads())
 
 
 def _direct_batch(
