@@ -176,7 +176,8 @@ def s_layout_mismatch(rank: int, world: int) -> Result:
 
 
 def s_after_errors(rank: int, world: int) -> Result:
-    """The group still works after the failed runs above."""
+    """The group still works after the failed runs above (no rank left a collective
+    behind that this run's would pair with)."""
     return recompute(make_model(), shard("unequal", rank, world))
 
 
@@ -235,6 +236,27 @@ def s_tol_uneven(rank: int, world: int) -> Result:
     }
 
 
+def s_tol_raises(rank: int, world: int) -> Result:
+    """A rank's loader raises during a tol= run, while the others wait at a check."""
+
+    def loader() -> Any:
+        for i, batch in enumerate(Counted(rank)):
+            if rank == FAILING_RANK and i == 40:
+                raise OSError(f"disk gone on rank {rank}")
+            yield batch
+
+    start = time.monotonic()
+    try:
+        precisebn.recompute_bn_buffers(tol_model(), loader(), num_batches=5000, tol=1e-4)
+    except Exception as error:
+        return {
+            "error": type(error).__name__,
+            "message": str(error),
+            "seconds": time.monotonic() - start,
+        }
+    return {"error": None}
+
+
 def s_subgroup(rank: int, world: int) -> Result:
     group = dist.new_group([0, 2])
     model = make_model()
@@ -255,13 +277,14 @@ SCENARIOS: dict[str, tuple[Callable[[int, int], Result], int]] = {
     "rare": (s_rare, 2),
     "raises": (s_raises, 2),
     "layout_mismatch": (s_layout_mismatch, 2),
+    "tol": (s_tol, 2),
+    "tol_uneven": (s_tol_uneven, 2),
+    "tol_raises": (s_tol_raises, 2),
     "after_errors": (s_after_errors, 2),
     "ddp": (s_ddp, 2),
     "sync_bn": (s_sync_bn, 2),
     "opt_out": (s_opt_out, 2),
     "hand_loop": (s_hand_loop, 2),
-    "tol": (s_tol, 2),
-    "tol_uneven": (s_tol_uneven, 2),
     "subgroup": (s_subgroup, 3),
 }
 
@@ -408,6 +431,18 @@ def test_tol_with_a_rank_that_runs_out(world: list[dict[str, Result]]) -> None:
     assert results[0]["num_batches"] == 20 + sum(r["read"] for r in results[1:])
 
 
+def test_a_rank_failing_during_a_tol_run_fails_every_rank_promptly(
+    world: list[dict[str, Result]],
+) -> None:
+    for rank, result in enumerate(ranks(world, "tol_raises")):
+        assert result["seconds"] < PG_TIMEOUT_S / 2, f"rank {rank} waited for a timeout"
+        if rank == FAILING_RANK:
+            assert result["error"] == "OSError"
+        else:
+            assert result["error"] == "RankFailedError"
+            assert f"rank(s) [{FAILING_RANK}]" in result["message"]
+
+
 def test_a_rank_without_batches_contributes_nothing(world: list[dict[str, Result]]) -> None:
     results = ranks(world, "empty_rank")
     assert_identical_across_ranks(results)
@@ -440,7 +475,7 @@ def test_a_raising_loader_fails_every_rank_promptly(world: list[dict[str, Result
             assert result["error"] == "OSError"
             assert result["message"] == f"disk gone on rank {rank}"
         else:
-            assert result["error"] == "RuntimeError"
+            assert result["error"] == "RankFailedError"  # a RuntimeError
             assert f"rank(s) [{FAILING_RANK}]" in result["message"]
 
 

@@ -105,6 +105,24 @@ def test_page_snippets_run(page: str, capsys: pytest.CaptureFixture[str]) -> Non
         assert any(not torch.equal(before[k], after[k]) for k in new)
 
 
+def test_how_many_batches_snippets_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """The page's tol=1e-2 converges on a loader long enough for it, without a warning."""
+    scope = namespace()
+    gen = torch.Generator().manual_seed(1)
+    scope["train_loader"] = [
+        (torch.randn(64, 3, 8, 8, generator=gen) + 1, torch.zeros(64)) for _ in range(512)
+    ]
+    for index, block in enumerate(snippets("how-many-batches.md")):
+        exec(compile(block, f"how-many-batches.md[{index}]", "exec"), scope)
+    new = scope["new"]
+    assert new.converged is True
+    assert new.num_batches % 16 == 0
+    assert new.num_batches < 512
+    printed = capsys.readouterr().out
+    assert f"{new.num_batches} True" in printed
+    assert "rel. error" in printed
+
+
 def test_quickstart_functional_form_matches_recompute() -> None:
     scope = namespace()
     *_, functional = snippets("quickstart.md")

@@ -59,6 +59,9 @@ def worst(stats: Stats, spreads: Spreads) -> Worst | None:
     if not stats:
         return None
     per_layer = []
+    stats = {layer: m for layer, m in stats.items() if layer in spreads}
+    if not stats:
+        return None
     for layer, m in stats.items():
         rel = relative_errors(m, evaluate(m, spreads[layer]))
         reached = m.count.expand_as(m.mean) >= 2

@@ -41,12 +41,34 @@ from precisebn._stderr import Spread, Spreads, recenter
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["Reduced", "abandon", "all_reduce_stats", "reduce_run", "reduction_group"]
+__all__ = [
+    "GroupError",
+    "LayoutMismatchError",
+    "RankFailedError",
+    "Reduced",
+    "abandon",
+    "all_reduce_stats",
+    "reduce_run",
+    "reduction_group",
+]
 
 logger = logging.getLogger("precisebn")
 
 _F64 = torch.float64
 _HASH_BITS = 16  # fingerprint**2 * world stays an exact float64 integer up to 2**21 ranks
+
+
+class GroupError(Exception):
+    """Raised on every rank of a group at once, from the same reduced header: no rank needs
+    telling (see `abandon`)."""
+
+
+class RankFailedError(GroupError, RuntimeError):
+    """Another rank of the group called `abandon`."""
+
+
+class LayoutMismatchError(GroupError, ValueError):
+    """The ranks' states hold different layers or channel counts."""
 
 
 def reduction_group(process_group: ProcessGroup | None = None) -> ProcessGroup | None:
@@ -224,7 +246,7 @@ def _check_header(header: Tensor, stats: Stats, *, group: ProcessGroup) -> None:
     values = header.tolist()
     failed = [rank for rank, flag in enumerate(values[:world]) if flag]
     if failed:
-        raise RuntimeError(
+        raise RankFailedError(
             f"precise BN stopped: rank(s) {failed} of the process group raised while running "
             "their batches (see their tracebacks); no statistics were reduced and the model "
             "is unchanged"
@@ -232,7 +254,7 @@ def _check_header(header: Tensor, stats: Stats, *, group: ProcessGroup) -> None:
     # sum(h_r) == world * h and sum(h_r**2) == world * h**2 hold only if every h_r == h.
     h = float(_fingerprint(stats))
     if values[-2] != world * h or values[-1] != world * h * h:
-        raise ValueError(
+        raise LayoutMismatchError(
             "the ranks' statistics states hold different layers or channel counts; every rank "
             "must recompute the same layers of the same model (same layers= selection)"
         )

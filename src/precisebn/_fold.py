@@ -41,6 +41,10 @@ from precisebn._moments import Moments, Stats, from_batch, merge, merge_layer, n
 from precisebn._stderr import Spread, Spreads, accumulate, terms
 from precisebn._tags import Call, Entry
 
+ERRORS = True
+"""Whether pooling adds the standard-error sums; ``False`` only to measure what they cost
+(``bench/errors.py``): the results then carry no standard errors and ``tol=`` never stops."""
+
 BLOCK = 16
 """Batches held before pooling. The block holds ``BLOCK * 2 * C`` values in the statistics
 dtype (128 bytes per float32 channel), and pooling it briefly needs two float64 arrays of
@@ -241,6 +245,8 @@ class BlockFold:
     def spreads(self) -> Spreads:
         """Per layer, the standard-error sums of every batch closed so far (after `result`)."""
         self._pool()
+        if not ERRORS:
+            return {}
         return {
             layer: Spread(*(x[a:b] for x in self._spread))
             for layer, (a, b) in zip(self.layers, self.spans, strict=True)
@@ -309,6 +315,8 @@ class BlockFold:
             self._s1.addcmul_(weights.n, sum_e)
             self._q.add_(sum_t)
             self._n.add_(weights.n, alpha=len(members))
+            if not ERRORS:
+                continue
             sp = self._spread
             sp.batches.add_(weights.reached, alpha=len(members))
             sp.n2.add_(weights.n2, alpha=len(members))

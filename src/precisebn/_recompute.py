@@ -38,7 +38,7 @@ from precisebn._direct import (
     verify,
     watch_values,
 )
-from precisebn._distributed import abandon, reduce_run, reduction_group
+from precisebn._distributed import GroupError, abandon, reduce_run, reduction_group
 from precisebn._fold import BlockFold
 from precisebn._layers import LayerSelector
 from precisebn._moments import Stats, finalize, init, merge
@@ -233,8 +233,10 @@ def recompute_bn_buffers(
             direct=direct,
             stopper=stopper,
         )
-    except Exception:
-        if group is not None:  # the other ranks raise too, instead of waiting for this one
+    except Exception as error:
+        # The other ranks raise too, instead of waiting for this one; unless the error is
+        # the group's own (a check under tol= found another rank failed): all ranks have it.
+        if group is not None and not isinstance(error, GroupError):
             abandon(init(runner.bn_buffers), group=group)
         raise
     stats, spreads, used, samples = run.stats, run.spreads, run.batches, run.samples

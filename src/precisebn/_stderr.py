@@ -41,15 +41,15 @@ from precisebn._moments import Moments, Stats
 
 __all__ = [
     "MIN_BATCHES",
+    "Errors",
     "Spread",
     "Spreads",
     "accumulate",
-    "empty",
     "evaluate",
     "merge_spread",
-    "merge_spreads",
     "recenter",
     "relative_errors",
+    "standard_errors",
     "terms",
 ]
 
@@ -77,12 +77,6 @@ class Spread(NamedTuple):
 
 Spreads = dict[str, Spread]
 """`Spread` per layer name, laid out like a `precisebn.Stats`."""
-
-
-def empty(size: int, *, device: torch.device) -> Spread:
-    """Sums over no batch, about 0."""
-    zeros = torch.zeros(8, size, dtype=torch.float64, device=device)
-    return Spread(*zeros.unbind(0))
 
 
 def terms(moments: Moments, center: Tensor) -> Spread:
@@ -130,14 +124,6 @@ def recenter(s: Spread, center: Tensor) -> Spread:
 def merge_spread(a: Spread, b: Spread) -> Spread:
     """The sums of both sets of batches, about ``a.center``."""
     return accumulate(a, b)
-
-
-def merge_spreads(a: Spreads, b: Spreads) -> Spreads:
-    """Per layer `merge_spread`; a layer in only one of them keeps its sums."""
-    out = dict(a)
-    for layer, spread in b.items():
-        out[layer] = merge_spread(out[layer], spread) if layer in out else spread
-    return out
 
 
 class Errors(NamedTuple):
@@ -192,14 +178,18 @@ def _ratio(error: Tensor, scale: Tensor) -> Tensor:
 def standard_errors(
     stats: Stats, spreads: Spreads, *, like: Mapping[str, Tensor] | None = None
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Per buffer key the standard errors, per layer the median ``n_eff`` over channels.
+    """Per buffer key the standard errors, per layer the median ``n_eff`` over channels, for
+    the layers of ``stats`` that ``spreads`` holds.
 
     Each error is on the device of the buffer it describes in ``like`` (when given).
     """
     out: dict[str, Tensor] = {}
     n_eff: dict[str, float] = {}
-    medians = []
+    medians, names = [], []
     for layer, m in stats.items():
+        if layer not in spreads:
+            continue
+        names.append(layer)
         errors = evaluate(m, spreads[layer])
         for stat, value in zip(STAT_NAMES, (errors.mean, errors.var), strict=True):
             key = buffer_key(layer, stat)
@@ -207,5 +197,5 @@ def standard_errors(
             out[key] = value.to(device)
         medians.append(errors.n_eff.nanmedian())
     if medians:
-        n_eff = dict(zip(stats, torch.stack(medians).tolist(), strict=True))
+        n_eff = dict(zip(names, torch.stack(medians).tolist(), strict=True))
     return out, n_eff
