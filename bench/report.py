@@ -6,10 +6,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.errors import ERRORS_TARGET
 from bench.exactness import MEAN_BOUND, VAR_BOUND, VAR_BOUND_SHIFTED
 from bench.methods import ESTIMATORS, METHODS
 from precisebn._fold import BLOCK
 
+ERRORS_HEADER = "## Standard errors and tol="
 SPEED_TARGET_FLOOR = 1.05
 SPEED_TARGET_FVCORE = 1.0
 
@@ -168,6 +170,91 @@ def guarantees_tables(data: dict[str, Any]) -> str:
     return f"{memory}\n\n{speed}\n\n{detection}"
 
 
+def _ratio_cell(ratio: float, ratios: list[float]) -> str:
+    return f"{ratio:.3f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def errors_cost_table(rows: list[dict[str, Any]]) -> str:
+    """What the standard-error sums cost: precisebn against itself without them."""
+    header = ["workload", "batches", "precisebn / floor", "without errors / floor"]
+    header += ["precisebn / without errors", "errors cost µs/batch", "target met"]
+    out = []
+    for row in rows:
+        ms = row["methods"]
+        cells = [row["workload"], str(row["num_batches"])]
+        for name in ("precisebn", "without errors"):
+            t = ms[name]
+            cells.append(f"{t['ratio_to_floor']:.3f} ({t['ratio_min']:.2f}-{t['ratio_max']:.2f})")
+        cells.append(_ratio_cell(row["errors_ratio"], row["errors_ratios"]))
+        cells.append(f"{row['errors_us_per_batch']:.0f}")
+        cells.append("yes" if row["errors_ratio"] <= ERRORS_TARGET else "**no**")
+        out.append(cells)
+    return _table(header, out)
+
+
+def tol_table(rows: list[dict[str, Any]]) -> str:
+    """Batches a ``tol=`` run used, or ``> cap`` with an estimate of those it needed."""
+    header = ["workload", "tol", "batches used", "worst relative error (layer)"]
+    header += ["batches needed (est.)", "wall s"]
+    out = []
+    for r in rows:
+        used = str(r["num_batches"]) if r["converged"] else f"> {r['cap']}"
+        needed = "-" if r["needed"] is None else f"≈ {r['needed']:,.0f}"
+        worst = f"{r['worst']:.1e} ({r['worst_layer']})"
+        out.append([r["workload"], f"{r['tol']:g}", used, worst, needed, f"{r['wall_s']:.2f}"])
+    return _table(header, out)
+
+
+def curve_table(curve: dict[str, Any]) -> str:
+    """RMS reported and actual relative errors per batch count, for one workload."""
+    header = ["batches B", "runs", "reported mean", "actual mean", "actual / reported"]
+    header += ["reported var", "actual var", "actual / reported", "expected sqrt(1 + B/long)"]
+    out = [
+        [
+            str(r["batches"]),
+            str(r["runs"]),
+            f"{r['reported_mean']:.2e}",
+            f"{r['actual_mean']:.2e}",
+            f"{r['ratio_mean']:.2f}",
+            f"{r['reported_var']:.2e}",
+            f"{r['actual_var']:.2e}",
+            f"{r['ratio_var']:.2f}",
+            f"{r['expected_ratio']:.2f}",
+        ]
+        for r in curve["rows"]
+    ]
+    return _table(header, out)
+
+
+def n_eff_table(groups: list[dict[str, Any]]) -> str:
+    """Per layer, ``n_eff`` against ``N``, the number of values per channel of the run."""
+    header = ["workload", "batches", "layer", "values per channel N", "n_eff", "n_eff / N"]
+    out = [
+        [
+            g["workload"],
+            str(g["batches"]),
+            r["layer"],
+            f"{r['values']:,}",
+            f"{r['n_eff']:,.0f}",
+            f"{r['n_eff_over_values']:.2f}",
+        ]
+        for g in groups
+        for r in g["rows"]
+    ]
+    return _table(header, out)
+
+
+def errors_tables(data: dict[str, Any]) -> str:
+    """Every table of the standard-errors section, as plain Markdown."""
+    parts = [errors_cost_table(data["cost"]), tol_table(data["tol"])]
+    for curve in data["curves"]:
+        parts.append(
+            f"{curve['workload']}, reference {curve['long']} batches\n\n" + curve_table(curve)
+        )
+    parts.append(n_eff_table(data["n_eff"]))
+    return "\n\n".join(parts)
+
+
 def plots(results: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     """Speed and scaling PNGs; an empty list without matplotlib (the optional bench extra)."""
     try:
@@ -198,7 +285,37 @@ def plots(results: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     ax.set_xlabel("batches")
     ax.set_ylabel("ms per call (median)")
     paths.append(_save(fig, ax, out_dir / f"{name}_scaling.png"))
+    if "errors" in results:
+        paths.append(_errors_plot(results["errors"]["curves"], out_dir / f"{name}_errors.png"))
     return paths
+
+
+def _errors_plot(curves: list[dict[str, Any]], path: Path) -> Path:
+    """Log-log, per workload: reported relative errors (lines), actual ones (markers)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.8), squeeze=False)
+    for ax, curve in zip(axes[0], curves, strict=True):
+        b = [r["batches"] for r in curve["rows"]]
+        for stat, color in (("mean", "tab:blue"), ("var", "tab:orange")):
+            reported = [r[f"reported_{stat}"] for r in curve["rows"]]
+            actual = [r[f"actual_{stat}"] for r in curve["rows"]]
+            ax.plot(b, reported, color=color, label=f"reported {stat}")
+            ax.plot(b, actual, "o", color=color, label=f"actual {stat}")
+        first = curve["rows"][0]
+        anchor = (first["reported_mean"] * first["reported_var"]) ** 0.5
+        guide = [anchor * (b[0] / x) ** 0.5 for x in b]
+        ax.plot(b, guide, "--", color="grey", linewidth=0.8, label="1/sqrt(B)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(b, [str(x) for x in b])
+        ax.minorticks_off()
+        ax.set_yscale("log")
+        ax.set_xlabel("batches B")
+        ax.set_ylabel("relative error (RMS over channels)")
+        ax.set_title(f"{curve['workload']}, reference {curve['long']} batches", fontsize=9)
+        if ax is not axes[0][-1]:
+            ax.legend(fontsize=7)
+    return _save(fig, axes[0][-1], path)
 
 
 def _save(fig: Any, ax: Any, path: Path) -> Path:
@@ -236,6 +353,49 @@ def _guarantees_part(results: dict[str, Any]) -> list[str]:
         "noticing if every verified batch had probability p.",
         "",
         guarantees_tables(data),
+        "",
+    ]
+
+
+def errors_section(results: dict[str, Any]) -> list[str]:
+    """The section on standard errors and ``tol=``, as Markdown lines."""
+    data = results.get("errors")
+    if data is None:
+        return [ERRORS_HEADER, "", "Not in this run.", ""]
+    return [
+        ERRORS_HEADER,
+        "",
+        "See [How many batches?](how-many-batches.md) for what is reported. Every run "
+        "reports each channel's standard error (`new.stderr`, by batch means: the spread of "
+        "the per-batch moments across batches) and `tol=` stops at the first check (every "
+        "16 batches, from batch 16 on) where every channel has `stderr(mean) / std <= tol` "
+        "and `stderr(var) / var <= tol`. Four figures, from `bench/errors.py`, on fresh "
+        "synthetic Gaussian batches (`bench/models.py`, `iter_batches`):",
+        "",
+        "1. **What the standard errors cost.** The default run against the same run with the "
+        "standard-error sums switched off (`precisebn._fold.ERRORS = False`), side by side "
+        "with the floor. The ratio of the two is taken within each round (median, min-max); "
+        f"target <= {ERRORS_TARGET}. Short runs weigh the errors' fixed cost per call (their "
+        "evaluation at the end) more than a run of a few hundred batches does.",
+        "2. **Batches to reach tol.** One `tol=` run per row on a stream of at most *cap* "
+        "batches; *> cap* where it did not converge, with the batches it would have needed "
+        "(errors shrink as 1/sqrt(B): used x (worst / tol)^2). The worst relative error is "
+        "the largest of `stderr(mean) / std` and `stderr(var) / var` over every channel.",
+        "3. **Reported against actual errors.** One long run gives the reference; then, per "
+        "batch count B, runs of B batches on other fresh batches. *Reported* is the RMS "
+        "over every channel of every BN layer and over the runs of `stderr(mean) / std_ref` "
+        "and `stderr(var) / var_ref`; *actual* the RMS of `|mean - mean_ref| / std_ref` and "
+        "`|var - var_ref| / var_ref`. The reference has its own error, about sqrt(B / long) "
+        "of a B-batch run's, so actual / reported should be near sqrt(1 + B / long), not 1. "
+        "The figure at the end plots both against B.",
+        "4. **Effective number of values.** `n_eff` per layer (the median over its channels "
+        "of `var / stderr(mean)^2`, and over the runs) against N, the values per channel "
+        "(batches x batch x H x W for a conv layer). The inputs are independent Gaussian "
+        "pixels, without the spatial correlation of natural images that puts `n_eff` far "
+        "below N; behind another BN layer, which normalises every batch, batch means vary "
+        "less than independent values would, and `n_eff` can exceed N.",
+        "",
+        errors_tables(data),
         "",
     ]
 
@@ -309,6 +469,7 @@ def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str
         "## What the guarantees cost",
         "",
         *_guarantees_part(results),
+        *errors_section(results),
         "## GPU",
         "",
         results.get("gpu_note", "Not run: `python bench/gpu.py` on a CUDA machine."),

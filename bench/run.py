@@ -1,7 +1,8 @@
 """Run the precisebn benchmarks: ``python bench/run.py [--quick] [--name NAME]``.
 
 Measures speed, exactness, memory and scaling of precisebn, fvcore, torch's update_bn
-and the seed algorithm side by side, and what precisebn's guarantees cost; writes
+and the seed algorithm side by side, what precisebn's guarantees cost, and how its
+standard errors and ``tol=`` behave (``bench/errors.py``); writes
 ``bench/results/<name>.json`` and regenerates ``docs/benchmarks.md`` (plus PNG plots when
 matplotlib is installed). The quick mode takes under 3 minutes on 2 CPU cores.
 """
@@ -24,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
 
 import torch  # noqa: E402
 
-from bench import exactness, guarantees, memory, report, scaling  # noqa: E402
+from bench import errors, exactness, guarantees, memory, report, scaling  # noqa: E402
 from bench.methods import METHODS  # noqa: E402
 from bench.models import (  # noqa: E402
     CNN,
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     results["memory"] = run_memory(config)
     results["scaling"] = run_scaling(config)
     results["guarantees"] = guarantees.run(quick=args.quick, repeats=config.repeats)
+    results["errors"] = errors.run(quick=args.quick, repeats=config.repeats)
     results["meta"]["wall_s"] = time.perf_counter() - start
     write(results, name, docs=not args.no_docs)
     print(report.speed_table(results["speed"]))
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.memory_table(results["memory"]))
     print(report.scaling_tables(results["scaling"]))
     print(report.guarantees_tables(results["guarantees"]))
+    print(report.errors_tables(results["errors"]))
     print(f"total {results['meta']['wall_s']:.0f} s")
     return 0
 

@@ -1,7 +1,9 @@
-"""Smoke check of bench/: the exactness figure on tiny sizes, loose bounds, no timing asserts."""
+"""Smoke check of bench/: the exactness and standard-error figures on tiny sizes, loose
+bounds, no timing asserts."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -11,8 +13,8 @@ import torch
 pytest.importorskip("fvcore")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import exactness, report, timing
-from bench.methods import ESTIMATORS, METHODS
+from bench import errors, exactness, report, timing
+from bench.methods import ESTIMATORS, METHODS, run_precisebn
 from bench.models import (
     CNN,
     Workload,
@@ -20,10 +22,14 @@ from bench.models import (
     bn_mlp,
     make_batches,
     make_model,
+    resnet_cnn,
     tabular_workload,
 )
 
+import precisebn._fold as fold_module
+
 SMALL_MLP = Workload("mlp small", lambda: bn_mlp(8, 16, 2), (8,))
+SMALL_CNN = Workload("cnn small", lambda: resnet_cnn(4, 1), (3, 8, 8))
 
 
 def errors_on(workload: Workload, sizes: list[int]) -> dict[str, exactness.Errors]:
@@ -69,3 +75,68 @@ def test_every_method_times_and_reports() -> None:
     }
     table = report.speed_table([row])
     assert all(name in table for name in ESTIMATORS)
+
+
+def test_tol_runs_stop_on_a_check_and_estimate_what_a_missed_tol_needs() -> None:
+    reached = errors.batches_to_tol(SMALL_MLP, 16, 0.1, 64)
+    assert reached["converged"] is True
+    assert reached["num_batches"] % 16 == 0  # checked every 16 batches
+    assert 0 < reached["worst"] <= 0.1
+    assert reached["needed"] is None
+    missed = errors.batches_to_tol(SMALL_MLP, 16, 1e-3, 32)
+    assert missed["converged"] is False
+    assert missed["num_batches"] == 32
+    assert missed["worst"] > 1e-3
+    assert missed["needed"] > 32
+    table = report.tol_table([reached, missed])
+    assert "> 32" in table
+
+
+def test_reported_errors_are_close_to_the_actual_ones() -> None:
+    curve = errors.error_vs_batches(SMALL_MLP, 16, long=128, sizes=(16, 32, 64), runs=2)
+    assert [r["batches"] for r in curve["rows"]] == [16, 32]  # 64 > long / 4 is dropped
+    for row in curve["rows"]:
+        for stat in ("mean", "var"):
+            assert math.isfinite(row[f"reported_{stat}"])
+            assert row[f"reported_{stat}"] > 0
+            assert math.isfinite(row[f"actual_{stat}"])
+            assert row[f"actual_{stat}"] > 0
+            assert 0.5 < row[f"ratio_{stat}"] < 2.0
+    layers = [r["layer"] for r in curve["n_eff"]]
+    assert len(layers) == 2
+    assert all(r["values"] == 32 * 16 and r["n_eff"] > 0 for r in curve["n_eff"])
+
+
+def test_values_per_sample_reads_each_layers_spatial_size() -> None:
+    sizes = errors.values_per_sample(SMALL_CNN, make_model(SMALL_CNN))
+    assert sizes["1"] == 64
+    assert sizes["3.bn1"] == 64
+    assert sizes["4.bn1"] == 16
+    assert sizes["5.bn2"] == 4
+    assert set(errors.values_per_sample(SMALL_MLP, make_model(SMALL_MLP)).values()) == {1}
+
+
+def test_errors_off_keeps_the_buffers_and_the_section_renders() -> None:
+    model = make_model(SMALL_MLP)
+    batches = make_batches(SMALL_MLP, [8] * 4)
+    off = errors.without_errors(model, batches)
+    assert fold_module.ERRORS is True  # restored
+    on = run_precisebn(model, batches)
+    assert off.keys() == on.keys()
+    assert all(torch.equal(off[k], on[k]) for k in on)
+    rows = errors.cost([(SMALL_MLP, 8, 4)], repeats=1)
+    assert len(rows[0]["errors_ratios"]) == 1
+    assert rows[0]["errors_ratio"] > 0
+    data = {
+        "cost": rows,
+        "tol": [errors.batches_to_tol(SMALL_MLP, 16, 0.1, 32)],
+        "curves": [errors.error_vs_batches(SMALL_MLP, 8, long=64, sizes=(16,), runs=1)],
+        "n_eff": [],
+    }
+    data["n_eff"] = [{"workload": "mlp small", "batches": 16, "rows": data["curves"][0]["n_eff"]}]
+    section = report.errors_section({"errors": data})
+    assert section[0] == "## Standard errors and tol="
+    text = "\n".join(section)
+    assert "precisebn / without errors" in text
+    assert "mlp small" in text
+    assert report.errors_section({})[2] == "Not in this run."

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import optree
@@ -67,8 +67,6 @@ class BNBuffers(dict[str, Tensor]):
 
     num_batches: int
     num_samples: int
-    stderr: dict[str, Tensor]
-    n_eff: dict[str, float]
     converged: bool | None
 
     def __init__(
@@ -84,20 +82,27 @@ class BNBuffers(dict[str, Tensor]):
         super().__init__(buffers)
         self.num_batches = num_batches
         self.num_samples = num_samples
-        self.stderr = dict(stderr) if stderr is not None else {}
-        self.n_eff = dict(n_eff) if n_eff is not None else {}
+        self._errors = ErrorsLater(stderr=stderr, n_eff=n_eff)
         self.converged = converged
 
+    @property
+    def stderr(self) -> dict[str, Tensor]:
+        return self._errors.stderr
+
+    @property
+    def n_eff(self) -> dict[str, float]:
+        return self._errors.n_eff
+
     def _like(self, buffers: Mapping[str, Tensor]) -> BNBuffers:
-        """New buffers with this result's attributes."""
-        return BNBuffers(
+        """New buffers with this result's attributes (sharing its errors, computed once)."""
+        out = BNBuffers(
             buffers,
             num_batches=self.num_batches,
             num_samples=self.num_samples,
-            stderr=self.stderr,
-            n_eff=self.n_eff,
             converged=self.converged,
         )
+        out._errors = self._errors
+        return out
 
     def __repr__(self) -> str:
         return (
@@ -118,8 +123,40 @@ class BNBuffers(dict[str, Tensor]):
         memo[id(self)] = out
         for key, value in self.items():
             out[key] = copy.deepcopy(value, memo)
-        out.stderr = copy.deepcopy(self.stderr, memo)
+        out._errors = ErrorsLater(stderr=copy.deepcopy(self.stderr, memo), n_eff=self.n_eff)
         return out
+
+
+class ErrorsLater:
+    """A result's standard errors and ``n_eff``, computed on first use: evaluating them costs
+    a few hundred microseconds per run, which a run whose caller never reads them (or
+    reads them once for several copies of the result) need not pay."""
+
+    def __init__(
+        self,
+        *,
+        stderr: Mapping[str, Tensor] | None = None,
+        n_eff: Mapping[str, float] | None = None,
+        compute: Callable[[], tuple[dict[str, Tensor], dict[str, float]]] | None = None,
+    ) -> None:
+        self._stderr = dict(stderr) if stderr is not None else {}
+        self._n_eff = dict(n_eff) if n_eff is not None else {}
+        self._compute = compute
+
+    def _resolve(self) -> None:
+        if self._compute is not None:
+            self._stderr, self._n_eff = self._compute()
+            self._compute = None
+
+    @property
+    def stderr(self) -> dict[str, Tensor]:
+        self._resolve()
+        return self._stderr
+
+    @property
+    def n_eff(self) -> dict[str, float]:
+        self._resolve()
+        return self._n_eff
 
 
 def bn_buffers(model: nn.Module, *, layers: LayerSelector = None) -> dict[str, Tensor]:
@@ -225,7 +262,7 @@ class _Extras:
     their errors, as they do whatever their values."""
 
     def __init__(self, buffers: BNBuffers) -> None:
-        self.stderr, self.n_eff, self.converged = buffers.stderr, buffers.n_eff, buffers.converged
+        self.errors, self.converged = buffers._errors, buffers.converged
 
     def __eq__(self, other: object) -> bool:
         return other is None or isinstance(other, _Extras)
@@ -234,14 +271,11 @@ class _Extras:
         return 0
 
     def build(self, buffers: Mapping[str, Tensor], num_batches: int, num_samples: int) -> BNBuffers:
-        return BNBuffers(
-            buffers,
-            num_batches=num_batches,
-            num_samples=num_samples,
-            stderr=self.stderr,
-            n_eff=self.n_eff,
-            converged=self.converged,
+        out = BNBuffers(
+            buffers, num_batches=num_batches, num_samples=num_samples, converged=self.converged
         )
+        out._errors = self.errors
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from precisebn._batches import (
     place,
     to_device,
 )
-from precisebn._buffers import BNBuffers
+from precisebn._buffers import BNBuffers, ErrorsLater
 from precisebn._capture import (
     RecordList,
     Runner,
@@ -252,21 +252,16 @@ def recompute_bn_buffers(
         "recomputed %d BatchNorm layers over %d batches (%d samples)", len(stats), used, samples
     )
     new = finalize(stats, like=runner.bn_buffers)
-    stderr, n_eff = standard_errors(stats, spreads, like=runner.bn_buffers)
+    devices = {key: t.device for key, t in runner.bn_buffers.items()}
     converged = None
     if tol is not None:
         found = worst(stats, spreads)
         converged = used >= MIN_BATCHES and found is not None and found.error <= tol
         if not converged:
             warn_not_converged(found, tol=tol, batches=used)
-    return BNBuffers(
-        new,
-        num_batches=used,
-        num_samples=samples,
-        stderr=stderr,
-        n_eff=n_eff,
-        converged=converged,
-    )
+    result = BNBuffers(new, num_batches=used, num_samples=samples, converged=converged)
+    result._errors = ErrorsLater(compute=lambda: standard_errors(stats, spreads, devices=devices))
+    return result
 
 
 class _Run(NamedTuple):

@@ -30,11 +30,12 @@ mean itself, where they are best conditioned.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from precisebn._layers import STAT_NAMES, buffer_key
 from precisebn._moments import Moments, Stats
@@ -176,26 +177,36 @@ def _ratio(error: Tensor, scale: Tensor) -> Tensor:
 
 
 def standard_errors(
-    stats: Stats, spreads: Spreads, *, like: Mapping[str, Tensor] | None = None
+    stats: Stats, spreads: Spreads, *, devices: Mapping[str, torch.device] | None = None
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Per buffer key the standard errors, per layer the median ``n_eff`` over channels, for
     the layers of ``stats`` that ``spreads`` holds.
 
-    Each error is on the device of the buffer it describes in ``like`` (when given).
+    Each error is on the device ``devices`` gives for its key (when given).
     """
+    names = [layer for layer in stats if layer in spreads]
+    if not names:
+        return {}, {}
+    # All layers end to end: a few operations whatever the number of layers.
+    device = stats[names[0]].mean.device
+
+    def flat(part: Callable[[str], Tensor]) -> Tensor:
+        return torch.cat([part(layer).to(device).reshape(-1) for layer in names])
+
+    moments = Moments(
+        flat(lambda layer: stats[layer].count.expand_as(stats[layer].mean)),
+        flat(lambda layer: stats[layer].mean),
+        flat(lambda layer: stats[layer].m2),
+    )
+    fields = range(len(Spread._fields))
+    sums = Spread(*(torch.cat([spreads[n][i].to(device) for n in names]) for i in fields))
+    errors = evaluate(moments, sums)
+    sizes = [stats[layer].mean.numel() for layer in names]
     out: dict[str, Tensor] = {}
-    n_eff: dict[str, float] = {}
-    medians, names = [], []
-    for layer, m in stats.items():
-        if layer not in spreads:
-            continue
-        names.append(layer)
-        errors = evaluate(m, spreads[layer])
-        for stat, value in zip(STAT_NAMES, (errors.mean, errors.var), strict=True):
+    for stat, values in zip(STAT_NAMES, (errors.mean, errors.var), strict=True):
+        for layer, value in zip(names, torch.split(values, sizes), strict=True):
             key = buffer_key(layer, stat)
-            device = like[key].device if like is not None else value.device
-            out[key] = value.to(device)
-        medians.append(errors.n_eff.nanmedian())
-    if medians:
-        n_eff = dict(zip(names, torch.stack(medians).tolist(), strict=True))
-    return out, n_eff
+            out[key] = value.to(devices[key]) if devices is not None else value
+    per_layer = pad_sequence(list(torch.split(errors.n_eff, sizes)), padding_value=math.nan)
+    medians = per_layer.nanmedian(dim=0).values.tolist()
+    return out, dict(zip(names, medians, strict=True))
