@@ -257,6 +257,25 @@ def s_tol_raises(rank: int, world: int) -> Result:
     return {"error": None}
 
 
+def second_model() -> Net:
+    torch.manual_seed(1)
+    return Net().to(torch.float64)
+
+
+def s_many(rank: int, world: int) -> Result:
+    """Two models in one pass, with tol: one reduction for both at every check."""
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        results = precisebn.recompute_bn_buffers_many(
+            [make_model(), second_model()], shard("unequal", rank, world), forward=feed
+        )
+    return {
+        "buffers": [dict(r) for r in results],
+        "stderr": [dict(r.stderr) for r in results],
+        "num_batches": [r.num_batches for r in results],
+    }
+
+
 def s_subgroup(rank: int, world: int) -> Result:
     group = dist.new_group([0, 2])
     model = make_model()
@@ -280,6 +299,7 @@ SCENARIOS: dict[str, tuple[Callable[[int, int], Result], int]] = {
     "tol": (s_tol, 2),
     "tol_uneven": (s_tol_uneven, 2),
     "tol_raises": (s_tol_raises, 2),
+    "many": (s_many, 2),
     "after_errors": (s_after_errors, 2),
     "ddp": (s_ddp, 2),
     "sync_bn": (s_sync_bn, 2),
@@ -441,6 +461,18 @@ def test_a_rank_failing_during_a_tol_run_fails_every_rank_promptly(
         else:
             assert result["error"] == "RankFailedError"
             assert f"rank(s) [{FAILING_RANK}]" in result["message"]
+
+
+def test_many_models_are_reduced_together(world: list[dict[str, Result]]) -> None:
+    results = ranks(world, "many")
+    n = len(results)
+    for index, model in enumerate([make_model(), second_model()]):
+        per_rank = [{"buffers": r["buffers"][index]} for r in results]
+        assert_identical_across_ranks(per_rank)
+        want = single_process(model, union("unequal", n), layers=["bn", "bn1"])
+        got = {k: v for k, v in results[0]["buffers"][index].items() if k in want}
+        assert_close_buffers(got, want, **F64)
+        assert results[0]["num_batches"][index] == sum(range(1, n + 1))
 
 
 def test_a_rank_without_batches_contributes_nothing(world: list[dict[str, Result]]) -> None:

@@ -123,6 +123,19 @@ def test_how_many_batches_snippets_run(capsys: pytest.CaptureFixture[str]) -> No
     assert "rel. error" in printed
 
 
+def test_ensembles_snippets_run(capsys: pytest.CaptureFixture[str]) -> None:
+    scope = namespace()
+    for index, block in enumerate(snippets("ensembles.md")):
+        exec(compile(block, f"ensembles.md[{index}]", "exec"), scope)
+    printed = capsys.readouterr().out
+    assert "torch.Size([8, 8])" in printed
+    assert printed.count("t=") == 5
+    assert scope["prediction"].shape == (4, 5)
+    torch.testing.assert_close(scope["prediction"].sum(-1), torch.ones(4))
+    for net, new in zip(scope["subnets"], scope["results"], strict=True):
+        assert torch.equal(net[1].running_var, new["1.running_var"])
+
+
 def test_quickstart_functional_form_matches_recompute() -> None:
     scope = namespace()
     *_, functional = snippets("quickstart.md")

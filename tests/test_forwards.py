@@ -516,14 +516,14 @@ def test_one_direct_batch_in_eight_is_checked(
     direct_batches: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     checked: list[int] = []
-    original = precisebn._recompute._direct_batch
+    original = precisebn._loop._direct_batch
 
     def counting(*args: Any, index: int, check: bool, **kwargs: Any) -> None:
         if check:
             checked.append(index)
         original(*args, index=index, check=check, **kwargs)
 
-    monkeypatch.setattr(precisebn._recompute, "_direct_batch", counting)
+    monkeypatch.setattr(precisebn._loop, "_direct_batch", counting)
     model = SmallCNN().train()
     batches = [torch.randn(4, 3, 8, 8) for _ in range(66)]
     state_before = (random.getstate(), torch.get_rng_state())

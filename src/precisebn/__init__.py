@@ -15,6 +15,7 @@ from precisebn._moments import finalize as finalize
 from precisebn._moments import init as init
 from precisebn._moments import merge as merge
 from precisebn._recompute import recompute_bn_buffers as recompute_bn_buffers
+from precisebn._recompute import recompute_bn_buffers_many as recompute_bn_buffers_many
 from precisebn._recompute import update as update
 from precisebn._report import report as report
 
@@ -32,6 +33,7 @@ __all__ = [
     "init",
     "merge",
     "recompute_bn_buffers",
+    "recompute_bn_buffers_many",
     "report",
     "update",
 ]

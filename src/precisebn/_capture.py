@@ -37,6 +37,7 @@ from precisebn._guard import Protection
 from precisebn._layers import STAT_NAMES, LayerSelector, buffer_key, find_bn_layers
 from precisebn._moments import Moments, Stats, from_batch, merge_layer
 from precisebn._tags import Call, Sink, Tag, checking_torch_function, make_tag
+from precisebn._vmap import is_transformed, per_member, split_weights, weights
 
 _FULL_WIDTH = (torch.float32, torch.float64)
 logger = logging.getLogger("precisebn")
@@ -514,5 +515,44 @@ def capture(
         >>> out.shape, moments["1"].count.item()
         (torch.Size([8, 4]), 8.0)
     """
+    if is_transformed(params, buffers):
+        return _capture_transformed(model, inputs, params, buffers, forward, layers)
     runner = Runner(model, layers=layers, params=params, buffers=buffers, forward=forward)
     return runner.run(inputs)
+
+
+def _capture_transformed(
+    model: nn.Module,
+    inputs: Any,
+    params: Mapping[str, Tensor] | None,
+    buffers: Mapping[str, Tensor] | None,
+    forward: Forward | None,
+    layers: LayerSelector,
+) -> tuple[Any, dict[str, Moments]]:
+    """`capture` for every member of a stack of weights (see `precisebn._vmap`)."""
+    shape: list[tuple[Any, list[str]]] = []  # the output's structure, the layers reached
+
+    def many(members: list[dict[str, Tensor]]) -> list[list[Tensor]]:
+        outs = []
+        for member in members:
+            p, b = split_weights(member)
+            runner = Runner(model, layers=layers, params=p, buffers=b, forward=forward)
+            out, moments = runner.run(inputs)
+            leaves, spec = torch.utils._pytree.tree_flatten(out)
+            if not all(isinstance(leaf, Tensor) for leaf in leaves):
+                raise TypeError(
+                    "under torch.func.vmap, capture returns the members' outputs stacked, so "
+                    "every leaf of the output must be a tensor"
+                )
+            if not shape:
+                shape.append((spec, list(moments)))
+            flat = [t for layer in shape[0][1] for t in moments[layer]]
+            outs.append([leaf.detach() for leaf in leaves] + flat)
+        return outs
+
+    flat = per_member(many, weights(params, buffers))
+    spec, reached = shape[0]
+    outputs = flat[: spec.num_leaves]
+    parts = flat[spec.num_leaves :]
+    moments = {layer: Moments(*parts[3 * i : 3 * i + 3]) for i, layer in enumerate(reached)}
+    return torch.utils._pytree.tree_unflatten(outputs, spec), moments

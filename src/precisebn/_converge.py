@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import torch
 
@@ -25,7 +26,15 @@ if TYPE_CHECKING:
 
     from precisebn._fold import BlockFold
 
-__all__ = ["Stopper", "Worst", "check_tol", "warn_not_converged", "worst"]
+__all__ = [
+    "Stopper",
+    "Worst",
+    "check_tol",
+    "tagged",
+    "untagged",
+    "warn_not_converged",
+    "worst",
+]
 
 
 class Worst(NamedTuple):
@@ -75,8 +84,13 @@ def worst(stats: Stats, spreads: Spreads) -> Worst | None:
     return Worst(layer, int(channel), error)
 
 
+Progress = tuple["BlockFold", int, int]
+"""One model of a pass: its fold, and the batches and samples it folded so far."""
+
+
 class Stopper:
-    """Asks, at pooling points, whether a run with ``tol`` may stop."""
+    """Asks, at pooling points, whether a run with ``tol`` may stop: when every model of
+    the pass has reached it."""
 
     def __init__(self, tol: float, *, group: ProcessGroup | None) -> None:
         self.tol = tol
@@ -85,36 +99,63 @@ class Stopper:
     def converged(self, found: Worst | None) -> bool:
         return found is not None and found.error <= self.tol
 
-    def at_pool(self, fold: BlockFold, *, batches: int, samples: int) -> bool:
-        """Whether to stop after the batches folded so far (``batches`` of them here)."""
-        if batches < MIN_BATCHES and self.group is None:
+    def at_pool(self, models: Sequence[Progress]) -> bool:
+        """Whether to stop after the batches folded so far."""
+        if self.group is None and min((used for _, used, _ in models), default=0) < MIN_BATCHES:
             return False
-        return self._ask(fold, batches=batches, samples=samples, running=True)
+        return self._ask(models, running=True)
 
-    def finish(self, fold: BlockFold, *, batches: int, samples: int) -> None:
+    def finish(self, models: Sequence[Progress]) -> None:
         """This rank has no more batches: answer the other ranks until every one stops."""
         if self.group is None:
             return
-        while not self._ask(fold, batches=batches, samples=samples, running=False):
+        while not self._ask(models, running=False):
             pass
 
-    def _ask(self, fold: BlockFold, *, batches: int, samples: int, running: bool) -> bool:
-        stats, spreads = fold.result(), fold.spreads()
+    def _ask(self, models: Sequence[Progress], *, running: bool) -> bool:
+        states = [(fold.result(), fold.spreads()) for fold, _, _ in models]
         if self.group is None:
-            return self.converged(worst(stats, spreads))
+            return all(self.converged(worst(*state)) for state in states)
         reduced = reduce_run(
-            stats,
-            batches=batches,
-            samples=samples,
+            tagged([stats for stats, _ in states]),
+            batches=sum(used for _, used, _ in models),
+            samples=sum(samples for _, _, samples in models),
             group=self.group,
-            spreads=spreads,
+            spreads=tagged([spreads for _, spreads in states]),
             running=running,
+            models=[(used, samples) for _, used, samples in models],
         )
         if reduced.running == 0:
             return True
-        if reduced.batches < MIN_BATCHES:
-            return False
-        return self.converged(worst(reduced.stats, reduced.spreads))
+        stats, spreads = (
+            untagged(reduced.stats, len(models)),
+            untagged(reduced.spreads, len(models)),
+        )
+        return all(
+            used >= MIN_BATCHES and self.converged(worst(s, sp))
+            for (used, _), s, sp in zip(reduced.models, stats, spreads, strict=True)
+        )
+
+
+V = TypeVar("V")
+
+
+def tagged(per_model: Sequence[dict[str, V]]) -> dict[str, V]:
+    """One dict for several models' per-layer values: ``"<model index>/<layer>"`` keys."""
+    return {
+        f"{i}/{layer}": value
+        for i, values in enumerate(per_model)
+        for layer, value in values.items()
+    }
+
+
+def untagged(values: dict[str, V], count: int) -> list[dict[str, V]]:
+    """The per-model dicts of `tagged` values."""
+    out: list[dict[str, V]] = [{} for _ in range(count)]
+    for key, value in values.items():
+        index, layer = key.split("/", 1)
+        out[int(index)][layer] = value
+    return out
 
 
 def warn_not_converged(found: Worst | None, *, tol: float, batches: int) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -140,6 +141,8 @@ class Reduced(NamedTuple):
     samples: int
     running: int
     """How many ranks said they are still reading batches."""
+    models: list[tuple[int, int]]
+    """Per model of the run, its batches and samples summed over the ranks (if given)."""
 
 
 def reduce_run(
@@ -150,9 +153,11 @@ def reduce_run(
     group: ProcessGroup,
     spreads: Spreads | None = None,
     running: bool = False,
+    models: Sequence[tuple[int, int]] = (),
 ) -> Reduced:
     """Reduce a run over ``group``: the global state, standard-error sums, batch and sample
-    counts. Every rank must pass ``spreads`` or none does.
+    counts (also per model, for ``models`` of ``(batches, samples)``). Every rank must pass
+    ``spreads`` or none does, and the same number of ``models``.
 
     Raises:
         RuntimeError: another rank called `abandon` (its loader or forward raised).
@@ -166,16 +171,24 @@ def reduce_run(
     batches, samples = int(header[world].item()), int(header[world + 1].item())
     ranks_running = int(header[world + 2].item())
     if not stats:  # the same on every rank: the layouts were checked
-        return Reduced({}, {}, batches, samples, ranks_running)
+        return Reduced({}, {}, batches, samples, ranks_running, [])
     device = _comm_device(stats, group)
     local = [Moments(*(t.to(device, _F64) for t in m)) for m in stats.values()]
     # Counts per channel, and per layer a flag: whether some rank kept them per channel.
     per_channel = [m.count.expand_as(m.mean) for m in local]
     flags = [torch.ones(1, dtype=_F64, device=device) * (m.count.dim() > 0) for m in local]
+    counts_per_model = torch.tensor(
+        [float(x) for pair in models for x in pair], dtype=_F64, device=device
+    )
     first = torch.cat(
-        per_channel + [n * m.mean for n, m in zip(per_channel, local, strict=True)] + flags
+        per_channel
+        + [n * m.mean for n, m in zip(per_channel, local, strict=True)]
+        + flags
+        + [counts_per_model]
     )
     dist.all_reduce(first, group=group)
+    model_counts = first[len(first) - len(counts_per_model) :].long().tolist()
+    first = first[: len(first) - len(counts_per_model)]
     channels = sum(m.mean.numel() for m in local)
     counts = _split(first[:channels], local)
     sums = _split(first[channels : 2 * channels], local)
@@ -205,7 +218,8 @@ def reduce_run(
         for (layer, m), mu, flat in zip(stats.items(), means, flats, strict=True):
             where = m.mean.device
             spread_out[layer] = Spread(mu.to(where), *flat.reshape(7, -1).to(where).unbind(0))
-    return Reduced(out, spread_out, batches, samples, ranks_running)
+    pairs = list(zip(model_counts[::2], model_counts[1::2], strict=True))
+    return Reduced(out, spread_out, batches, samples, ranks_running, pairs)
 
 
 def abandon(stats: Stats, *, group: ProcessGroup) -> None:

@@ -1,48 +1,32 @@
-"""recompute_bn_buffers: find layers, run batches statelessly, fold moments, produce buffers."""
+"""recompute_bn_buffers: find layers, run batches statelessly, fold moments, produce buffers.
+
+One or several models: `recompute_bn_buffers` is the pass of `recompute_bn_buffers_many`
+over one model, and under ``torch.func.vmap`` over the members of a stack of weights.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import itertools
 import logging
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from precisebn._batches import (
-    BatchLayoutError,
-    Forward,
-    integer_leaves,
-    leading_size,
-    place,
-    to_device,
-)
+from precisebn._batches import Forward, to_device
 from precisebn._buffers import BNBuffers, ErrorsLater
-from precisebn._capture import (
-    RecordList,
-    Runner,
-    Step,
-    check_followed,
-    collect,
-    one_value_message,
-)
-from precisebn._converge import Stopper, check_tol, warn_not_converged, worst
-from precisebn._direct import (
-    Known,
-    Signatures,
-    Verifier,
-    known_from,
-    mismatch,
-    verify,
-    watch_values,
-)
+from precisebn._capture import RecordList, Runner, Step, check_followed, collect, one_value_message
+from precisebn._converge import Stopper, check_tol, tagged, untagged, warn_not_converged, worst
 from precisebn._distributed import GroupError, abandon, reduce_run, reduction_group
-from precisebn._fold import BlockFold
 from precisebn._layers import LayerSelector
-from precisebn._moments import Stats, finalize, init, merge
+from precisebn._loop import Outcome, accumulate, run_step
+from precisebn._moments import Moments, Stats, finalize, init, merge
 from precisebn._stderr import MIN_BATCHES, Spreads, standard_errors
+from precisebn._vmap import is_transformed, per_member, split_weights, weights
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -64,7 +48,8 @@ def update(
     Records the layers that ``stats`` holds. The batch is moved to the model's device and
     run without autograd; see `precisebn.capture` for the forward's semantics. A batch in
     which a recomputed layer sees a single value per channel is skipped with a warning
-    (the state is returned unchanged).
+    (the state is returned unchanged). Under ``torch.func.vmap`` over stacked weights
+    (and a stacked state), each member folds the batch into its own moments.
 
     Example:
         >>> import torch, precisebn
@@ -75,41 +60,72 @@ def update(
         >>> stats["1"].count.item()
         50.0
     """
-    runner = Runner(model, layers=list(stats), params=params, buffers=buffers, forward=forward)
+    layers = list(stats)
+    if is_transformed(params, buffers):
+        moments, skipped = _batch_moments_transformed(
+            model, batch, layers, params, buffers, forward
+        )
+    else:
+        moments, skipped = _batch_moments(model, batch, layers, params, buffers, forward)
+    if skipped is not None:
+        warnings.warn(f"the batch was skipped: {skipped}", UserWarning, stacklevel=2)
+        return dict(stats)
+    return merge(stats, moments)
+
+
+def _batch_moments(
+    model: nn.Module,
+    batch: Any,
+    layers: list[str],
+    params: Mapping[str, Tensor] | None,
+    buffers: Mapping[str, Tensor] | None,
+    forward: Forward | None,
+) -> tuple[Stats, str | None]:
+    """One batch's moments per layer it reached, or why it is skipped."""
+    runner = Runner(model, layers=layers, params=params, buffers=buffers, forward=forward)
     with torch.no_grad():
         sink = RecordList()
-        runner.within(lambda step: _checked_step(runner, step, batch, index=0), sink=sink)
+        runner.within(lambda step: _checked_step(runner, step, batch), sink=sink)
     check_followed(runner.reads, {r.call.layer for r in sink.records})
     if sink.degenerate_calls:
         call, shape = sink.degenerate_calls[0]
-        warnings.warn(
-            f"the batch was skipped: {one_value_message(call, shape)}", UserWarning, stacklevel=2
-        )
-        return dict(stats)
-    return merge(stats, collect(sink.records))
+        return {}, one_value_message(call, shape)
+    return collect(sink.records), None
 
 
-def _checked_step(runner: Runner, step: Step, batch: Any, *, index: int) -> Any:
+def _batch_moments_transformed(
+    model: nn.Module,
+    batch: Any,
+    layers: list[str],
+    params: Mapping[str, Tensor] | None,
+    buffers: Mapping[str, Tensor] | None,
+    forward: Forward | None,
+) -> tuple[Stats, str | None]:
+    """`_batch_moments` of every member of a stack of weights (see `precisebn._vmap`): the
+    moments of every layer (count 0 where the batch did not reach it), batched."""
+    skipped: list[str] = []
+    sizes: dict[str, int] = {}
+
+    def many(members: list[dict[str, Tensor]]) -> list[list[Tensor]]:
+        outs = []
+        for p, b in [split_weights(m) for m in members]:
+            moments, why = _batch_moments(model, batch, layers, p, b, forward)
+            if why is not None:
+                skipped.append(why)
+            if not sizes:
+                sizes.update(_layer_sizes(model, layers, p, b))
+            outs.append(_flat_moments(moments, layers, sizes))
+        return outs
+
+    flat = per_member(many, weights(params, buffers))
+    if skipped:
+        return {}, skipped[0]
+    return {layer: Moments(*flat[3 * i : 3 * i + 3]) for i, layer in enumerate(layers)}, None
+
+
+def _checked_step(runner: Runner, step: Step, batch: Any) -> Any:
     """Move ``batch`` to the model's device and run it; explain integer-input failures."""
-    return _run_step(runner, step, to_device(batch, runner.device), index=index)
-
-
-def _run_step(runner: Runner, step: Step, batch: Any, *, index: int) -> Any:
-    """Run ``batch`` (on the model's device); explain integer-input failures."""
-    try:
-        return step(batch)
-    except BatchLayoutError:
-        raise
-    except (RuntimeError, TypeError) as error:
-        ints = integer_leaves(batch)
-        if ints and runner.floating_params:
-            raise TypeError(
-                f"batch {index}: the forward failed on non-floating inputs "
-                f"({sorted(set(map(str, ints)))}) while the model's parameters are floating "
-                "point; convert the inputs (e.g. forward=lambda model, b: model(b[0].float())). "
-                f"Original error: {error}"
-            ) from error
-        raise
+    return run_step(runner, step, to_device(batch, runner.device), index=0)
 
 
 def recompute_bn_buffers(
@@ -207,6 +223,14 @@ def recompute_bn_buffers(
             on a loader that cannot be iterated again; or the forward wrote into the
             model's parameters in place.
 
+    Under ``torch.func.vmap`` over stacked weights (``params``/``buffers`` from
+    ``torch.func.stack_module_state``, batched in whole or in part), the call runs every
+    member of the stack in one pass over ``loader`` and returns the buffers stacked
+    (``[K, C]`` outside ``vmap``), each member's those of a call of its own;
+    ``.stderr`` holds the members' errors stacked, ``.converged`` whether every member
+    converged, and ``.n_eff`` is empty. `precisebn.recompute_bn_buffers_many` does the same
+    for a list of models, of different architectures too.
+
     Example:
         >>> import torch, precisebn
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
@@ -218,35 +242,204 @@ def recompute_bn_buffers(
         0.0
         >>> _ = model.load_state_dict(new, strict=False)
     """
+    options = _options(
+        num_batches=num_batches,
+        tol=tol,
+        layers=layers,
+        forward=forward,
+        progress=progress,
+        process_group=process_group,
+        distributed=distributed,
+        direct=direct,
+    )
+    if is_transformed(params, buffers):
+        return _recompute_transformed(model, loader, params, buffers, options)
+    return _recompute_models([(model, params, buffers)], loader, options)[0]
+
+
+def recompute_bn_buffers_many(
+    models: Sequence[nn.Module],
+    loader: Iterable[Any],
+    *,
+    num_batches: int = 200,
+    tol: float | None = None,
+    layers: LayerSelector = None,
+    forward: Forward | None = None,
+    params: Sequence[Mapping[str, Tensor] | None] | None = None,
+    buffers: Sequence[Mapping[str, Tensor] | None] | None = None,
+    progress: bool = False,
+    process_group: ProcessGroup | None = None,
+    distributed: bool = True,
+    direct: bool = True,
+) -> list[BNBuffers]:
+    """Recompute the BatchNorm statistics of several models in one pass over the data.
+
+    Each batch of ``loader`` is fetched once, moved once to each device the models live
+    on, and run through every model in turn; each model's statistics are folded as
+    `precisebn.recompute_bn_buffers` folds them, so each result equals that of a call of
+    its own (the same numbers, the same purity, the same warnings, prefixed with the
+    model's index). The models may differ in architecture (subnets of a supernet, say);
+    one model may appear several times with different ``params``. With ``tol=`` the run
+    stops when every model has converged; under ``torch.distributed`` the ranks reduce
+    every model's statistics in one reduction.
+
+    Args:
+        models: the models, at least one.
+        loader: any iterable of batches, read once (twice when a check of direct batches
+            fails, as in `precisebn.recompute_bn_buffers`).
+        params: one mapping (or ``None``) per model: parameters to use instead of its own.
+        buffers: one mapping (or ``None``) per model: buffers to use instead of its own.
+        num_batches: the most batches to use.
+        tol: stop when every model's channels are known to ``tol`` (see
+            `precisebn.recompute_bn_buffers`).
+        layers: which BN layers to recompute, applied to each model in turn.
+        forward: ``forward(stateless_model, batch)``, called for each model in turn.
+        progress: show one progress bar for the pass.
+        process_group: as for `precisebn.recompute_bn_buffers`.
+        distributed: as for `precisebn.recompute_bn_buffers`; every model's statistics go
+            in one reduction.
+        direct: as for `precisebn.recompute_bn_buffers`, per model: a failed check runs
+            only that model again, every batch intercepted.
+
+    Returns:
+        One `BNBuffers` per model, in order.
+
+    Raises:
+        ValueError: no models, or ``params``/``buffers`` of another length; and the errors
+            of `precisebn.recompute_bn_buffers`.
+        TypeError: an entry of ``models`` is not a ``torch.nn.Module``.
+
+    Example:
+        >>> import torch, precisebn
+        >>> def net(width):
+        ...     return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.BatchNorm1d(width))
+        >>> loader = [torch.randn(32, 3) for _ in range(10)]
+        >>> small, large = precisebn.recompute_bn_buffers_many([net(4), net(8)], loader)
+        >>> small["1.running_var"].shape, large["1.running_var"].shape, large.num_batches
+        (torch.Size([4]), torch.Size([8]), 10)
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("models is empty: pass at least one model")
+    for i, model in enumerate(models):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"models[{i}] is a {type(model).__name__}, not a torch.nn.Module")
+    per_params = _per_model("params", params, len(models))
+    per_buffers = _per_model("buffers", buffers, len(models))
+    options = _options(
+        num_batches=num_batches,
+        tol=tol,
+        layers=layers,
+        forward=forward,
+        progress=progress,
+        process_group=process_group,
+        distributed=distributed,
+        direct=direct,
+    )
+    specs = list(zip(models, per_params, per_buffers, strict=True))
+    return _recompute_models(specs, loader, options)
+
+
+class _Options(NamedTuple):
+    num_batches: int
+    tol: float | None
+    layers: LayerSelector
+    forward: Forward | None
+    progress: bool
+    group: ProcessGroup | None
+    direct: bool
+
+
+def _options(
+    *,
+    num_batches: int,
+    tol: float | None,
+    layers: LayerSelector,
+    forward: Forward | None,
+    progress: bool,
+    process_group: ProcessGroup | None,
+    distributed: bool,
+    direct: bool,
+) -> _Options:
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
-    tol = check_tol(tol)
-    runner = Runner(model, layers=layers, params=params, buffers=buffers, forward=forward)
     group = reduction_group(process_group) if distributed else None
-    stopper = Stopper(tol, group=group) if tol is not None else None
+    return _Options(num_batches, check_tol(tol), layers, forward, progress, group, direct)
+
+
+Spec = tuple[nn.Module, Mapping[str, Tensor] | None, Mapping[str, Tensor] | None]
+"""A model of a run, with the parameters and buffers to use instead of its own."""
+
+
+def _recompute_models(
+    specs: list[Spec], loader: Iterable[Any], options: _Options
+) -> list[BNBuffers]:
+    """One pass over ``loader`` for every model of ``specs``; a result per model."""
+    runners = [
+        Runner(model, layers=options.layers, params=p, buffers=b, forward=options.forward)
+        for model, p, b in _bindable(specs)
+    ]
+    group = options.group
+    stopper = Stopper(options.tol, group=group) if options.tol is not None else None
     try:
-        run = _accumulate(
-            runner,
+        outcomes = accumulate(
+            runners,
             loader,
-            num_batches=num_batches,
-            progress=progress,
-            direct=direct,
+            num_batches=options.num_batches,
+            progress=options.progress,
+            direct=options.direct,
             stopper=stopper,
         )
     except Exception as error:
         # The other ranks raise too, instead of waiting for this one; unless the error is
         # the group's own (a check under tol= found another rank failed): all ranks have it.
         if group is not None and not isinstance(error, GroupError):
-            abandon(init(runner.bn_buffers), group=group)
+            abandon(tagged([init(r.bn_buffers) for r in runners]), group=group)
         raise
-    stats, spreads, used, samples = run.stats, run.spreads, run.batches, run.samples
+    pooled = [(o.stats, o.spreads, o.batches, o.samples) for o in outcomes]
     if group is not None:
-        reduced = reduce_run(stats, batches=used, samples=samples, group=group, spreads=spreads)
-        stats, spreads, used, samples = reduced[:4]
+        reduced = reduce_run(
+            tagged([o.stats for o in outcomes]),
+            batches=sum(o.batches for o in outcomes),
+            samples=sum(o.samples for o in outcomes),
+            group=group,
+            spreads=tagged([o.spreads for o in outcomes]),
+            models=[(o.batches, o.samples) for o in outcomes],
+        )
+        count = len(outcomes)
+        pooled = [
+            (stats, spreads, used, samples)
+            for stats, spreads, (used, samples) in zip(
+                untagged(reduced.stats, count),
+                untagged(reduced.spreads, count),
+                reduced.models,
+                strict=True,
+            )
+        ]
+    results = []
+    for i, (runner, outcome, (stats, spreads, used, samples)) in enumerate(
+        zip(runners, outcomes, pooled, strict=True)
+    ):
+        with _warnings_of(None if len(runners) == 1 else i):
+            results.append(_result(runner, outcome, stats, spreads, used, samples, options=options))
+    return results
+
+
+def _result(
+    runner: Runner,
+    outcome: Outcome,
+    stats: Stats,
+    spreads: Spreads,
+    used: int,
+    samples: int,
+    *,
+    options: _Options,
+) -> BNBuffers:
+    """One model's buffers from its (reduced) statistics."""
     if used == 0:
-        where = " on any rank" if group else ""
-        if run.skipped:
-            raise ValueError(f"every batch was skipped{where}: {run.skipped[0][1]}")
+        where = " on any rank" if options.group else ""
+        if outcome.skipped:
+            raise ValueError(f"every batch was skipped{where}: {outcome.skipped[0][1]}")
         raise ValueError(f"the loader yielded no batches{where}")
     logger.info(
         "recomputed %d BatchNorm layers over %d batches (%d samples)", len(stats), used, samples
@@ -254,6 +447,7 @@ def recompute_bn_buffers(
     new = finalize(stats, like=runner.bn_buffers)
     devices = {key: t.device for key, t in runner.bn_buffers.items()}
     converged = None
+    tol = options.tol
     if tol is not None:
         found = worst(stats, spreads)
         converged = used >= MIN_BATCHES and found is not None and found.error <= tol
@@ -264,205 +458,125 @@ def recompute_bn_buffers(
     return result
 
 
-class _Run(NamedTuple):
-    stats: Stats
-    spreads: Spreads
-    batches: int
-    samples: int
-    skipped: list[tuple[int, str]]
-    """Batches skipped for one value per channel: loader index and why."""
-
-
-class _RestartError(Exception):
-    """A check of direct batches failed: the attempt's statistics cannot be trusted."""
-
-
-def _accumulate(
-    runner: Runner,
-    loader: Iterable[Any],
-    *,
-    num_batches: int,
-    progress: bool,
-    direct: bool,
-    stopper: Stopper | None,
-) -> _Run:
-    """Fold up to ``num_batches`` batches of ``loader``, starting again if direct batches
-    turn out to be unsafe."""
-    batches = _iterate(loader)
-    expected = _expected_batches(loader, num_batches)
-    try:
-        run = _attempt(
-            runner, batches, expected=expected, progress=progress, direct=direct, stopper=stopper
-        )
-    except _RestartError as failed:
-        if batches is loader:  # an iterator: what was read is gone
-            raise RuntimeError(
-                f"a check of direct batches failed: {failed}. The loader is an iterator that "
-                "cannot be read again, so the run cannot start over with every batch "
-                "intercepted: pass direct=False (or a loader that can be iterated twice, "
-                "such as a list or a DataLoader)"
-            ) from None
-        warnings.warn(
-            f"a check of direct batches failed: {failed}. The run started again with every "
-            "batch intercepted; pass direct=False to skip the first attempt",
-            UserWarning,
-            stacklevel=3,
-        )
-        run = _attempt(
-            runner,
-            _iterate(loader),
-            expected=expected,
-            progress=progress,
-            direct=False,
-            stopper=stopper,
-        )
-    if run.skipped:
-        shown = "; ".join(f"batch {i}: {why}" for i, why in run.skipped[:3])
-        more = f" and {len(run.skipped) - 3} more" if len(run.skipped) > 3 else ""
-        warnings.warn(
-            f"{len(run.skipped)} batch(es) skipped ({shown}{more}); their values are not "
-            "pooled, because later layers would have seen degenerate inputs. A last batch "
-            "of one sample is the usual cause: drop_last=True avoids it",
-            UserWarning,
-            stacklevel=3,
-        )
-    return run
-
-
-def _iterate(loader: Iterable[Any]) -> Iterator[Any]:
-    try:
-        return iter(loader)
-    except TypeError:
-        raise TypeError(
-            f"loader must be an iterable of batches, got {type(loader).__name__}"
-        ) from None
-
-
-def _attempt(
-    runner: Runner,
-    batches: Iterator[Any],
-    *,
-    expected: int,
-    progress: bool,
-    direct: bool,
-    stopper: Stopper | None,
-) -> _Run:
-    """One pass over up to ``expected`` batches (fewer when ``stopper`` says the statistics
-    are precise enough); raises `_RestartError` when a check of direct batches fails."""
-    chosen: Iterator[Any] = itertools.islice(batches, expected)
-    if progress:
-        chosen = _progress_bar(chosen, total=expected)
-    fold = BlockFold(list(runner.layers), runner.bn_buffers, max_batches=max(expected, 1))
-    signatures = Signatures(enabled=direct and runner.live is not None)
-    verifier = Verifier()
-    live, calls = runner.live, runner.calls
-    runner.reads.clear()
-
-    def intercepted(
-        step: Step, batch: Any, key: Any, known: Known | None, index: int
-    ) -> str | None:
-        """Run a batch with every BN call intercepted; why it was skipped, if it was."""
-        runner.intercept("intercept")  # the tags hold the caller's values again
-        calls.zero_()
-        version = runner.statistics_version()
-        if signatures.watching(key) and known is None:
-            with watch_values(runner.counters) as watch:
-                _run_step(runner, step, batch, index=index)
-            dependent = watch.found is not None
-        else:
-            _run_step(runner, step, batch, index=index)
-            dependent = False
-        if runner.statistics_version() != version:
-            raise ValueError(_written_message(runner.written_layers() or list(runner.reads)))
-        if fold.degenerate_call is not None:
-            call, shape = fold.degenerate_call
-            fold.discard_batch()
-            return one_value_message(call, shape)
-        observed = fold.end_batch(index)
-        if runner.reads:
-            signatures.enabled = False
-        if key is not None:
-            signatures.observe(key, known_from(observed, calls), value_dependent=dependent)
-        return None
-
-    def loop(step: Step) -> _Run:
-        used = samples = 0
-        skipped: list[tuple[int, str]] = []
-        for index, raw in enumerate(chosen):
-            batch, leaves, spec = place(raw, runner.device)
-            key, known = signatures.lookup(leaves, spec)
-            if known is not None and live is not None:
-                _direct_batch(runner, step, batch, known, index=index, check=verifier.due())
-                fold.end_direct(live, known.entries, known.factors, index)
-            else:
-                why = intercepted(step, batch, key, known, index)
-                if why is not None:
-                    skipped.append((index, why))
-                    continue
-            used, samples = used + 1, samples + leading_size(leaves)
-            pooled = stopper is not None and fold.k == 0
-            if pooled and stopper.at_pool(fold, batches=used, samples=samples):  # type: ignore[union-attr]
-                break
-        else:
-            if stopper is not None:  # under torch.distributed: until every rank stops
-                stopper.finish(fold, batches=used, samples=samples)
-        check_followed(runner.reads, fold.recorded)
-        return _Run({}, {}, used, samples, skipped)
-
-    with torch.no_grad():
-        run = runner.within(loop, sink=fold)
-    return run._replace(stats=fold.result(), spreads=fold.spreads())
-
-
-def _direct_batch(
-    runner: Runner, step: Step, batch: Any, known: Known, *, index: int, check: bool
-) -> None:
-    """Run a batch directly: the kernels update the zeroed private statistics themselves.
-
-    Raises `_RestartError` when the layers ran otherwise than ``known`` says, or, in a
-    checked batch (``check``), when a call saw other counts or read the statistics.
-    """
-    assert runner.live is not None
-    runner.intercept("check" if check else "direct")  # "intercept" again for the next
-    runner.live.zero_()
-    runner.calls.zero_()
-    if check:
-        runner.checked.clear()
-    _run_step(runner, step, batch, index=index)
-    if not torch.equal(runner.calls, known.calls):
-        seen = Known(known.entries, known.factors, runner.calls.clone())
-        problem: str | None = mismatch(known, seen, list(runner.layers))
-    elif check:
-        problem = verify(known, runner.checked, list(runner.layers), runner.reads)
-    else:
+@contextlib.contextmanager
+def _warnings_of(model: int | None) -> Iterator[None]:
+    """Prefix the warnings raised inside with the model's index (none: no prefix)."""
+    if model is None:
+        yield
         return
-    if problem is not None:
-        raise _RestartError(f"in batch {index}, {problem}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        warnings.warn(f"model {model}: {warning.message}", warning.category, stacklevel=5)
 
 
-def _written_message(layers: list[str]) -> str:
-    named = ", ".join(repr(name or "<model>") for name in layers) or "(unknown)"
-    return (
-        f"the running statistics of BatchNorm layer(s) {named} were written outside their "
-        "batch_norm call, through a tensor derived from them that precisebn could not "
-        "follow (for instance running_mean.view(...) passed to batch_norm); precisebn follows "
-        "batch_norm calls on a layer's own running_mean and running_var or on basic slices "
-        "of them (running_mean[:c])"
+def _bindable(specs: list[Spec]) -> list[Spec]:
+    """``specs`` with a module that appears again replaced by a skeleton copy: the run binds
+    every model at once, and one module can hold one binding only. A skeleton has the
+    module's structure, attributes and hooks, and meta tensors in place of its own, so it
+    takes every parameter and buffer from the spec (the module's own where not given)."""
+    seen: set[int] = set()
+    out: list[Spec] = []
+    for model, params, buffers in specs:
+        if id(model) not in seen:
+            seen.add(id(model))
+            out.append((model, params, buffers))
+            continue
+        full_params = {**dict(model.named_parameters()), **(params or {})}
+        full_buffers = {**dict(model.named_buffers()), **(buffers or {})}
+        out.append((_skeleton(model), full_params, full_buffers))
+    return out
+
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = meta
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as error:
+        raise TypeError(
+            f"one model appears several times, and a copy of its structure to bind the "
+            f"second set of weights to failed ({type(error).__name__}: {error}); pass "
+            "separate models"
+        ) from error
+
+
+def _per_model(
+    name: str, values: Sequence[Mapping[str, Tensor] | None] | None, count: int
+) -> list[Mapping[str, Tensor] | None]:
+    if values is None:
+        return [None] * count
+    if isinstance(values, Mapping) or len(values) != count:
+        raise ValueError(
+            f"{name} must hold one mapping (or None) per model: {count} for {count} models"
+        )
+    return list(values)
+
+
+# --------------------------------------------------------------------- under torch.func
+
+
+def _recompute_transformed(
+    model: nn.Module,
+    loader: Iterable[Any],
+    params: Mapping[str, Tensor] | None,
+    buffers: Mapping[str, Tensor] | None,
+    options: _Options,
+) -> BNBuffers:
+    """`recompute_bn_buffers` for transformed weights: every member in one pass."""
+    results: list[BNBuffers] = []
+
+    def many(members: list[dict[str, Tensor]]) -> list[list[Tensor]]:
+        specs: list[Spec] = [(model, p, b) for p, b in [split_weights(m) for m in members]]
+        results[:] = _recompute_models(specs, loader, options)
+        return [list(new.values()) for new in results]
+
+    outputs = per_member(many, weights(params, buffers))
+    first = results[0]
+    converged = None if options.tol is None else all(bool(r.converged) for r in results)
+    out = BNBuffers(
+        dict(zip(first, outputs, strict=True)),
+        num_batches=first.num_batches,
+        num_samples=first.num_samples,
+        converged=converged,
     )
+    if len(results) == 1:
+        out._errors = first._errors
+    else:
+        keys = list(first)
+        out._errors = ErrorsLater(
+            compute=lambda: ({k: torch.stack([r.stderr[k] for r in results]) for k in keys}, {})
+        )
+    return out
 
 
-def _expected_batches(loader: Iterable[Any], num_batches: int) -> int:
-    try:
-        return min(len(loader), num_batches)  # type: ignore[arg-type]
-    except TypeError:
-        return num_batches
+def _layer_sizes(
+    model: nn.Module,
+    layers: list[str],
+    params: Mapping[str, Tensor] | None,
+    buffers: Mapping[str, Tensor] | None,
+) -> dict[str, int]:
+    """Each layer's channel count, from the running mean it would be given."""
+    state = {**dict(model.named_buffers()), **(buffers or {})}
+    return {
+        layer: state[f"{layer}.running_mean" if layer else "running_mean"].numel()
+        for layer in layers
+    }
 
 
-def _progress_bar(batches: Iterable[Any], *, total: int) -> Iterator[Any]:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        raise ImportError(
-            "progress=True needs the tqdm package: pip install 'precisebn[progress]'"
-        ) from None
-    return iter(tqdm(batches, total=total, desc="precise BN", unit="batch"))
+def _flat_moments(moments: Stats, layers: list[str], sizes: dict[str, int]) -> list[Tensor]:
+    """``[count, mean, m2]`` per layer, zeros where not reached."""
+    out = []
+    for layer in layers:
+        m = moments.get(layer)
+        if m is None:
+            zeros = torch.zeros(sizes[layer], dtype=torch.float64)
+            out.extend([zeros.new_zeros(()), zeros, zeros])
+        else:
+            out.extend(m)
+    return out

@@ -239,7 +239,8 @@ def report(
           rel. error: the worst channel's standard error, relative to the new std (mean) or ...
           n_eff: effective number of independent values per channel (median over channels)
           *: moved most (the largest shift or |log var ratio|)
-        >>> rep.to_dict()["bn"]["n_eff"], precisebn.report(old, dict(new))[0].rel_error
+        >>> row = rep.to_dict()["bn"]
+        >>> row["n_eff"], precisebn.report(old, dict(new))[0].rel_error
         (640.0, None)
     """
     if top is not None and top < 0:
