@@ -114,3 +114,23 @@ def test_cuda_buffers_the_forward_writes_stay_unchanged() -> None:
     new = precisebn.recompute_bn_buffers(model, batches)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert_matches(new, pooled_inputs(model, batches))
+
+
+def test_many_models_on_two_devices_and_vmap_on_cuda() -> None:
+    """Each batch is placed once per device; vmap over stacked CUDA weights agrees."""
+    torch.manual_seed(2)
+    on_cpu, on_gpu = SmallCNN(), SmallCNN().cuda()
+    batches = [torch.randn(8, 3, 16, 16) * 2 + 1 for _ in range(6)]
+    cpu_new, gpu_new = precisebn.recompute_bn_buffers_many([on_cpu, on_gpu], batches)
+    assert all(v.device.type == "cpu" for v in cpu_new.values())
+    assert all(v.device.type == "cuda" for v in gpu_new.values())
+    assert_matches(gpu_new, pooled_inputs(on_gpu, [b.cuda() for b in batches]))
+    members = [SmallCNN().cuda() for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(members)
+    stacked = torch.func.vmap(
+        lambda p, b: precisebn.recompute_bn_buffers(members[0], batches, params=p, buffers=b)
+    )(params, buffers)
+    for i, member in enumerate(members):
+        alone = precisebn.recompute_bn_buffers(member, batches)
+        for key, value in alone.items():
+            torch.testing.assert_close(stacked[key][i], value, rtol=1e-5, atol=1e-6)

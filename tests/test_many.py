@@ -281,3 +281,29 @@ def test_bad_input(models: list[Any], kwargs: dict[str, Any], error: type, match
         warnings.simplefilter("ignore")
         with pytest.raises(error, match=match):
             precisebn.recompute_bn_buffers_many(built, vectors(2), **kwargs)
+
+
+def test_vmap_leaves_written_buffers_and_stacks_unchanged() -> None:
+    """Spectral norm writes its vectors on every training-mode forward: under vmap each
+    member's write goes to a private copy, never into the stacked tensors."""
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        linear = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 6))
+        return nn.Sequential(linear, nn.BatchNorm1d(6)).train()
+
+    members = [net(s) for s in range(3)]
+    params, buffers = stack_module_state(members)
+    before = {k: v.clone() for k, v in {**params, **buffers}.items()}
+    snapshots = [snapshot(m) for m in members]
+    data = vectors(6)
+    new = vmap(lambda p, b: precisebn.recompute_bn_buffers(members[0], data, params=p, buffers=b))(
+        params, buffers
+    )
+    for key, value in {**params, **buffers}.items():
+        assert torch.equal(value, before[key]), key
+    for member, taken in zip(members, snapshots, strict=True):
+        assert_same(taken, snapshot(member))
+    for i, member in enumerate(members):
+        alone = precisebn.recompute_bn_buffers(member, data)
+        torch.testing.assert_close(new["1.running_var"][i], alone["1.running_var"])
