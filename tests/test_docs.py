@@ -136,6 +136,22 @@ def test_ensembles_snippets_run(capsys: pytest.CaptureFixture[str]) -> None:
         assert torch.equal(net[1].running_var, new["1.running_var"])
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:lightning")
+@pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
+@pytest.mark.parametrize("page", ["migrating.md", "lightning.md", "huggingface.md"])
+def test_integration_page_snippets_run(page: str) -> None:
+    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("transformers")
+    scope = namespace()
+    model = scope["model"]
+    for index, block in enumerate(snippets(page)):
+        exec(compile(block, f"{page}[{index}]", "exec"), scope)
+    if page == "migrating.md":  # the drop-ins wrote the exact statistics
+        want = precisebn.recompute_bn_buffers(model, scope["train_loader"])
+        for key, value in want.items():
+            torch.testing.assert_close(model.get_buffer(key), value)
+
+
 def test_quickstart_functional_form_matches_recompute() -> None:
     scope = namespace()
     *_, functional = snippets("quickstart.md")
