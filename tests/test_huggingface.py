@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -137,3 +141,51 @@ def test_dropout_is_off_during_the_recompute() -> None:
     values = torch.cat([b["features"] for b in batches]).double()
     torch.testing.assert_close(new["bn.running_var"].double(), values.var(dim=0), rtol=1e-5, atol=0)
     assert model.drop.training
+
+
+# ---------------------------------------------------------------- two processes on gloo
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        GLOO_SOCKET_IFNAME="lo",
+    )
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")  # the trainer's advice for real runs
+    callback = PreciseBNCallback()
+    model = tiny_resnet()
+    train(Path(out), model, callback, ddp_backend="gloo")
+    assert callback.last is not None
+    result = {
+        "distributed": torch.distributed.is_initialized(),
+        "num_batches": callback.last.num_batches,
+        "buffers": {k: v.clone() for k, v in precisebn.bn_buffers(model).items()},
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+def test_ddp_processes_end_identical_and_pooled(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(r["distributed"] for r in ranks)
+    assert [r["num_batches"] for r in ranks] == [6, 6]  # 3 batches per rank, pooled
+    for key, value in ranks[0]["buffers"].items():
+        assert torch.equal(value, ranks[1]["buffers"][key]), key
+    # The stem's statistics are those of every item, whichever rank read it (its input is
+    # conv(pixels), whatever the batches' composition).
+    model = tiny_resnet()
+    model.load_state_dict(ranks[0]["state"])
+    fixed = DataLoader(items(), batch_size=8, collate_fn=transformers.default_data_collator)
+    want = exact(model, fixed)
+    for stat in ("running_mean", "running_var"):
+        key = f"resnet.embedder.embedder.normalization.{stat}"
+        torch.testing.assert_close(ranks[0]["buffers"][key], want[key], rtol=1e-5, atol=1e-6)
