@@ -4,10 +4,12 @@ Speed table (float32, bf16 autocast, channels_last) of every method against the 
 side by side and interleaved as on the CPU; host-device synchronisations per batch of
 every method (counted with ``torch.cuda.set_sync_debug_mode("warn")`` at two loader
 lengths); a hard check that precisebn's batch loop never synchronises
-(``set_sync_debug_mode("error")`` from the second batch to the end of the loop); and the
-CNN exactness row on the GPU. Writes ``bench/results/gpu.json`` and ``bench/results/gpu.md``
-(which ``bench/run.py`` includes in ``docs/benchmarks.md``). Without CUDA it says so and
-exits 0.
+(``set_sync_debug_mode("error")`` from the second batch to the end of the loop); the
+CNN exactness row on the GPU; and the many-models rows of ``bench/many.py`` (quick sizes:
+``recompute_bn_buffers_many``, ``vmap``, sequential precisebn and update_bn, on a free and
+an image-decoding loader, plus the vmapped-forward reference point). Writes
+``bench/results/gpu.json`` and ``bench/results/gpu.md`` (which ``bench/run.py`` includes in
+``docs/benchmarks.md``). Without CUDA it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import precisebn  # noqa: E402
-from bench import exactness, report  # noqa: E402
+from bench import exactness, many, report  # noqa: E402
 from bench.methods import METHODS, Method  # noqa: E402
 from bench.models import CNN, CONV3D, MLP, Workload, batch_sizes, make_batches, make_model  # noqa: E402
 from bench.timing import interleaved, speed_row  # noqa: E402
@@ -135,6 +137,12 @@ def gpu_exactness(device: torch.device) -> dict[str, Any]:
     return {k: asdict(v) for k, v in exactness.all_errors(model, batches).items()}
 
 
+def many_rows(device: torch.device, repeats: int) -> dict[str, Any]:
+    """The rows of ``bench/many.py`` at its quick sizes, on the GPU (the costly loader
+    decodes on the CPU and copies each batch to the GPU, as a loader without workers)."""
+    return many.run(quick=True, repeats=repeats, device=device)
+
+
 def markdown(results: dict[str, Any]) -> str:
     syncs = results["syncs"]
     sync_rows = "\n".join(
@@ -162,8 +170,22 @@ def markdown(results: dict[str, Any]) -> str:
             "| method | mean | var |",
             "|---|---|---|",
             err_rows,
+            *_many_part(results),
         ]
     )
+
+
+def _many_part(results: dict[str, Any]) -> list[str]:
+    """The many-models tables, where this run has them (older results do not)."""
+    if "many" not in results:
+        return []
+    return [
+        "",
+        f"Many models, one pass (K = {results['many']['k']}, `bench/many.py` at its quick "
+        "sizes; ratios to the sequential precisebn runs, paired per round):",
+        "",
+        report.many_tables(results["many"]),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     results["syncs"] = syncs_per_batch(device)
     results["exactness_cnn_ragged"] = gpu_exactness(device)
     results["speed"] = speed(device, args.repeats, args.batches)
+    results["many"] = many_rows(device, args.repeats)
     results["wall_s"] = time.perf_counter() - start
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 from bench.errors import ERRORS_TARGET
 from bench.exactness import MEAN_BOUND, VAR_BOUND, VAR_BOUND_SHIFTED
+from bench.many import BASELINE as MANY_BASELINE
+from bench.many import METHOD_NAMES as MANY_METHODS
 from bench.methods import ESTIMATORS, METHODS
 from precisebn._fold import BLOCK
 
 ERRORS_HEADER = "## Standard errors and tol="
+MANY_HEADER = "## Many models, one pass"
 SPEED_TARGET_FLOOR = 1.05
 SPEED_TARGET_FVCORE = 1.0
 
@@ -255,6 +259,157 @@ def errors_tables(data: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def _many_cell(t: dict[str, Any] | None) -> str:
+    return "-" if t is None else f"{t['ratio']:.3f} ({t['ratio_min']:.2f}-{t['ratio_max']:.2f})"
+
+
+def many_seconds_table(data: dict[str, Any]) -> str:
+    """Seconds per call (median over rounds) of every method, per row and loader."""
+    header = ["models", "loader", "batches", "loader ms/batch", "one forward ms/batch"]
+    header += [f"{m} s" for m in MANY_METHODS]
+    out = []
+    for row in data["rows"]:
+        for loader, per in row["loaders"].items():
+            ms = per["methods"]
+            cells = [row["label"], loader, f"{row['num_batches']} x {row['batch']}"]
+            cells += [f"{per['loader_ms_per_batch']:.2f}", f"{row['forward_ms']:.2f}"]
+            cells += [f"{ms[m]['median_s']:.3f}" if m in ms else "-" for m in MANY_METHODS]
+            out.append(cells)
+    return _table(header, out)
+
+
+def many_target(loader: str, data: dict[str, Any]) -> float:
+    """``many`` / sequential precisebn at most, for ``loader``."""
+    return float(data["costly_target"] if loader == "costly" else data["free_target"])
+
+
+def _many_met(t: dict[str, Any], target: float) -> str:
+    """Say "yes" when the median ratio meets ``target``; a miss says if some round met it."""
+    if t["ratio"] <= target:
+        return "yes"
+    return "**no** (within spread)" if t["ratio_min"] <= target else "**no**"
+
+
+def many_ratio_table(data: dict[str, Any]) -> str:
+    """Paired per-round ratios to K sequential precisebn runs, and many / update_bn."""
+    others = [m for m in MANY_METHODS if m != MANY_BASELINE]
+    header = ["models", "loader", *(f"{m} / {MANY_BASELINE}" for m in others)]
+    header += ["many / sequential update_bn", "expected many / sequential", "target", "met"]
+    header += ["max abs difference from sequential (many, vmap)"]
+    out = []
+    for row in data["rows"]:
+        for loader, per in row["loaders"].items():
+            ms = per["methods"]
+            cells = [row["label"], loader, *(_many_cell(ms.get(m)) for m in others)]
+            cells.append(_many_cell(per["many_vs_update_bn"]))
+            expected = per["expected_ratio"]
+            cells.append("-" if expected is None else f"{expected:.3f}")
+            target = many_target(loader, data)
+            cells.append(f"<= {target:g}")
+            cells.append(_many_met(ms["many"], target))
+            diff = per["max_difference"]
+            cells.append(
+                ", ".join(f"{diff[m]:.1e}" if m in diff else "-" for m in ("many", "vmap"))
+            )
+            out.append(cells)
+    return _table(header, out)
+
+
+def many_forward_table(rows: list[dict[str, Any]]) -> str:
+    """A vmapped training-mode forward of the K members against K sequential ones."""
+    header = ["workload", "batches", "sequential ms/batch (K forwards)", "vmap ms/batch"]
+    header += ["vmap / sequential"]
+    out = [
+        [
+            r["workload"],
+            str(r["num_batches"]),
+            f"{r['sequential_ms_per_batch']:.2f}",
+            f"{r['vmap_ms_per_batch']:.2f}",
+            f"{r['ratio']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})",
+        ]
+        for r in rows
+    ]
+    return _table(header, out)
+
+
+def many_tables(data: dict[str, Any]) -> str:
+    """Every table of the many-models section, as plain Markdown."""
+    return "\n\n".join(
+        [many_seconds_table(data), many_ratio_table(data), many_forward_table(data["forward"])]
+    )
+
+
+def many_section(results: dict[str, Any]) -> list[str]:
+    """The section on many models in one pass, as Markdown lines."""
+    data = results.get("many")
+    if data is None:
+        return [MANY_HEADER, "", "Not in this run.", ""]
+    k = data["k"]
+    target = data["costly_target"]
+    needed = k * (1 - target) / (target * k - 1) if target * k > 1 else math.inf
+    return [
+        MANY_HEADER,
+        "",
+        "See [Many models, one pass](ensembles.md) for the API. Each row holds "
+        f"K = {k} models, and every method computes the BN buffers of all {k}, side by side in "
+        "one interleaved loop (`bench/many.py`), each call on fresh deep copies of the models "
+        "(not timed):",
+        "",
+        "- **many**: one `precisebn.recompute_bn_buffers_many(models, loader)`;",
+        "- **vmap**: `precisebn.recompute_bn_buffers` under `torch.func.vmap` over the "
+        "members' weights stacked by `torch.func.stack_module_state` (stacked once, before "
+        "timing; same-architecture rows only);",
+        f"- **sequential precisebn**: {k} calls of `precisebn.recompute_bn_buffers`, one per "
+        "model, each reading the loader again;",
+        f"- **sequential update_bn**: {k} calls of `torch.optim.swa_utils.update_bn`.",
+        "",
+        "Two loaders: **free** is a list of prebuilt tensors; **costly** decodes one PNG "
+        "image per sample with PIL on every pass, resizes it with PIL where the source's size "
+        "asks for it, crops and flips every sample at random (seeded, so every pass yields "
+        "the same batches) and normalises the batch: an image pipeline, in the process and "
+        "without workers. *loader ms/batch* is the time to iterate it alone (timed in the "
+        "same loop); *one forward ms/batch* is one member's training-mode forward of one "
+        f"batch under `torch.no_grad()`, the mean over the {k} members (best of two passes). "
+        "Rows:",
+        "",
+        *(
+            f"- **{row['label']}**: {row['models']}, batch {row['batch']}; costly loader: "
+            f"{row['costly_loader']}."
+            for row in data["rows"]
+        ),
+        "",
+        "Ratios are to the sequential precisebn runs on the same loader, paired within each "
+        f"round: the median over rounds, with the min-max in brackets. Targets: with the "
+        f"costly loader, many <= {data['costly_target']:g}x; with the free loader, many never "
+        f"slower, <= {data['free_target']:g}x; met when the median meets it (*within "
+        "spread*: it does not, but the fastest round does). The last column checks that many "
+        "and vmap return the sequential runs' buffers.",
+        "",
+        "What to expect: with F the cost of one member's forward of a batch and L the "
+        f"loader's, the {k} sequential runs cost about {k}(F + L) per batch and many "
+        f"{k}F + L, so many / sequential is about ({k} + r) / ({k}(1 + r)) with r = L / F: "
+        f"{(k + 1) / (2 * k):.2f} at r = 1, {(k + 2) / (3 * k):.2f} at r = 2, and never below "
+        f"1/{k}. *expected many / sequential* puts the measured times into that model: (many "
+        "on the free loader + one pass of the costly loader) / (sequential on the free loader "
+        f"+ {k} passes of it). A target of {target:g} at K = {k} needs r >= {needed:.1f}: a "
+        f"loader {needed:.1f} times as costly as one forward.",
+        "",
+        many_seconds_table(data),
+        "",
+        many_ratio_table(data),
+        "",
+        "**Reference point: a vmapped forward.** Why precisebn runs the members one after "
+        f"the other instead of vmapping the forward: a training-mode forward of the {k} "
+        "members under `torch.func.vmap` (`torch.func.functional_call` over "
+        "`torch.func.stack_module_state`, on copies whose BN layers keep no running "
+        f"statistics, `torch.func.replace_all_batch_norm_modules_`) against {k} sequential "
+        "forwards of the same copies, both under `torch.no_grad()`, interleaved.",
+        "",
+        many_forward_table(data["forward"]),
+        "",
+    ]
+
+
 def plots(results: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     """Speed and scaling PNGs; an empty list without matplotlib (the optional bench extra)."""
     try:
@@ -470,6 +625,7 @@ def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str
         "",
         *_guarantees_part(results),
         *errors_section(results),
+        *many_section(results),
         "## GPU",
         "",
         results.get("gpu_note", "Not run: `python bench/gpu.py` on a CUDA machine."),

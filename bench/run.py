@@ -2,9 +2,10 @@
 
 Measures speed, exactness, memory and scaling of precisebn, fvcore, torch's update_bn
 and the seed algorithm side by side, what precisebn's guarantees cost, and how its
-standard errors and ``tol=`` behave (``bench/errors.py``); writes
+standard errors and ``tol=`` behave (``bench/errors.py``), and how many models fare in one
+pass over the data against one pass each (``bench/many.py``); writes
 ``bench/results/<name>.json`` and regenerates ``docs/benchmarks.md`` (plus PNG plots when
-matplotlib is installed). The quick mode takes under 3 minutes on 2 CPU cores.
+matplotlib is installed). The quick mode takes about 4 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
 
 import torch  # noqa: E402
 
-from bench import errors, exactness, guarantees, memory, report, scaling  # noqa: E402
+from bench import errors, exactness, guarantees, many, memory, report, scaling  # noqa: E402
 from bench.methods import METHODS  # noqa: E402
 from bench.models import (  # noqa: E402
     CNN,
@@ -160,7 +161,7 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="small sizes: under 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="small sizes: about 4 minutes")
     parser.add_argument("--name", help="results name (default: quick or full)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--note", default="", help="free text about the machine, e.g. 'shared'")
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     results["scaling"] = run_scaling(config)
     results["guarantees"] = guarantees.run(quick=args.quick, repeats=config.repeats)
     results["errors"] = errors.run(quick=args.quick, repeats=config.repeats)
+    results["many"] = many.run(quick=args.quick, repeats=config.repeats)
     results["meta"]["wall_s"] = time.perf_counter() - start
     write(results, name, docs=not args.no_docs)
     print(report.speed_table(results["speed"]))
@@ -195,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.scaling_tables(results["scaling"]))
     print(report.guarantees_tables(results["guarantees"]))
     print(report.errors_tables(results["errors"]))
+    print(report.many_tables(results["many"]))
     print(f"total {results['meta']['wall_s']:.0f} s")
     return 0
 

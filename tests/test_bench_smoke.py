@@ -3,6 +3,7 @@ bounds, no timing asserts."""
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 pytest.importorskip("fvcore")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import errors, exactness, report, timing
+from bench import errors, exactness, gpu, many, report, timing
 from bench.methods import ESTIMATORS, METHODS, run_precisebn
 from bench.models import (
     CNN,
@@ -140,3 +141,77 @@ def test_errors_off_keeps_the_buffers_and_the_section_renders() -> None:
     assert "precisebn / without errors" in text
     assert "mlp small" in text
     assert report.errors_section({})[2] == "Not in this run."
+
+
+TINY = Workload("mlp tiny", lambda: bn_mlp(16, 8, 2), (16,))
+
+
+def test_decoding_loader_decodes_crops_and_flips_the_same_batches_every_pass() -> None:
+    import numpy as np
+    from PIL import Image
+
+    loader = many.DecodingLoader((3, 8, 8), [3, 2], source=12, seed=5)
+    first, second = list(loader), list(loader)
+    assert len(loader) == 2
+    assert [tuple(x.shape) for x in first] == [(3, 3, 8, 8), (2, 3, 8, 8)]
+    assert all(x.dtype == torch.float32 for x in first)
+    # Every pass decodes again: equal batches, new tensors.
+    assert all(torch.equal(a, b) and a is not b for a, b in zip(first, second, strict=True))
+    assert not torch.equal(first[0][0], first[0][1])  # one image per sample
+    # The first batch's samples: PIL decode, resize to 8 + margin, crop and flip as drawn.
+    gen = torch.Generator().manual_seed(5)
+    top, left = torch.randint(0, loader.margin + 1, (2, 3), generator=gen).tolist()
+    flips = (torch.rand(3, generator=gen) < 0.5).tolist()
+    side = 8 + loader.margin
+    for i in range(3):
+        img = Image.open(io.BytesIO(loader.pngs[i])).resize((side, side), Image.Resampling.BILINEAR)
+        img = img.crop((left[i], top[i], left[i] + 8, top[i] + 8))
+        if flips[i]:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.array(img)).float()
+        expected = (pixels.permute(2, 0, 1) / 255 - many.MEAN) / many.STD
+        torch.testing.assert_close(first[0][i], expected)
+    flat = list(many.DecodingLoader((16,), [4], source=6))
+    assert tuple(flat[0].shape) == (4, 16)
+    with pytest.raises(ValueError, match="no images"):
+        many.DecodingLoader((15,), [4], source=6)
+
+
+def test_many_row_times_every_method_and_the_section_renders() -> None:
+    same = many.Row("tiny, same", TINY, 8, (3, 3), source=6)
+    subnets = many.Row(
+        "tiny, subnets", TINY, 8, (3, 3), source=6, widths=(4, 5, 6, 7, 8, 9, 10, 11)
+    )
+    rows = [many.time_row(row, 3, repeats=1, warmup=False) for row in (same, subnets)]
+    for row in rows:
+        assert row["forward_ms"] > 0
+        assert row["loaders"]["costly"]["loader_ms_per_batch"] > 0
+        for loader in many.LOADERS:
+            per = row["loaders"][loader]
+            assert per["methods"][many.BASELINE]["ratio"] == 1.0
+            for t in [*per["methods"].values(), per["many_vs_update_bn"]]:
+                assert math.isfinite(t["ratio"])
+                assert 0 < t["ratio_min"] <= t["ratio"] <= t["ratio_max"]
+            # One pass for all models gives each model's own buffers, to the bit.
+            assert per["max_difference"]["many"] == 0.0
+        # One pass of the loader instead of K: never below 1/K (loose above: one round).
+        assert 1 / many.K < row["loaders"]["costly"]["expected_ratio"] < 1.5
+    assert set(rows[0]["loaders"]["free"]["methods"]) == set(many.METHOD_NAMES)
+    assert rows[0]["loaders"]["free"]["max_difference"]["vmap"] == 0.0
+    assert "vmap" not in rows[1]["loaders"]["free"]["methods"]  # different architectures
+    forward = many.forward_reference(TINY, 8, 2, repeats=1, warmup=0)
+    assert forward["ratio"] > 0
+    assert forward["vmap_ms_per_batch"] > 0
+    data = {"k": many.K, "costly_target": 0.3, "free_target": 1.0, "rows": rows}
+    data["forward"] = [forward]
+    section = report.many_section({"many": data})
+    assert section[0] == "## Many models, one pass"
+    text = "\n".join(section)
+    assert "tiny, subnets | costly" in text
+    assert "many / sequential precisebn" in text
+    assert report.many_section({})[2] == "Not in this run."
+    t = {"ratio": 1.02, "ratio_min": 0.97, "ratio_max": 1.1}
+    assert report._many_met(t, 1.0) == "**no** (within spread)"
+    assert report._many_met({**t, "ratio_min": 1.01}, 1.0) == "**no**"
+    assert report._many_met(t, 1.05) == "yes"
+    assert "vmap / sequential" in "\n".join(gpu._many_part({"many": data}))
