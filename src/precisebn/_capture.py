@@ -20,10 +20,11 @@ checked: a write that went around every binding is reported, never passed over.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import operator
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -244,6 +245,12 @@ class Runner:
         batch costs about as much as a small model's forward); the model's own tensors are
         back in place when it returns, also on error.
         """
+        return within_all([self], lambda steps: loop(steps[0]), sinks=[sink])
+
+    @contextlib.contextmanager
+    def session(self, *, sink: Sink) -> Iterator[dict[str, Tensor]]:
+        """Prepare a run around one binding: yield the tensors to bind (names relative to
+        the bound module); afterwards restore attributes and check the caller's tensors."""
         accessor = NamedMemberAccessor(self._target)
         protection = Protection(rebind=lambda key, t: accessor.set_tensor(key, t))
         protection.forbid(self._stat_tensors)
@@ -255,26 +262,13 @@ class Runner:
         swap.update(self._tags)
         if self._prefix:
             swap = {k.removeprefix(self._prefix): v for k, v in swap.items()}
-
-        def body(model: nn.Module) -> T:
-            return loop(lambda batch: self.forward(model, batch))
-
-        holder = _Holder(self._target, body)
         self.sink, self.cudnn, self.protection = sink, torch.backends.cudnn.enabled, protection
         self.intercept("intercept")
         attributes = _attributes(self._target)
         versions = {key: t._version for key, t in self._watched.items()}
         try:
             with _local_sync_bn(self._sync_bn), _eager(self._compiled):
-                result: T = torch.func.functional_call(
-                    holder,
-                    {f"model.{k}": v for k, v in swap.items()},
-                    (),
-                    strict=False,
-                    # Only the caller's tensors can stand for tied ones; working out the
-                    # ties costs a walk over every tensor of the model.
-                    tie_weights=self._overrides,
-                )
+                yield swap
         finally:
             self.sink = RecordList()
             self.intercept("intercept")
@@ -286,7 +280,6 @@ class Runner:
                     protection.copied_bytes,
                 )
             _check_versions(self._watched, versions)
-        return result
 
     def run(self, batch: Any) -> tuple[Any, Stats]:
         """Run ``batch`` through the model; return its output and the batch moments per layer."""
@@ -325,16 +318,61 @@ def one_value_message(call: Call, shape: tuple[int, ...]) -> str:
     )
 
 
-class _Holder(nn.Module):
-    """Holds the model as ``model`` so that one ``functional_call`` spans a whole loop."""
+def within_all(
+    runners: Sequence[Runner], loop: Callable[[list[Step]], T], *, sinks: Sequence[Sink]
+) -> T:
+    """Call ``loop(steps)`` with every runner's state bound, one ``step`` per runner; return
+    what it returns.
 
-    def __init__(self, model: nn.Module, body: Callable[[nn.Module], Any]) -> None:
+    One ``functional_call`` binds all models at once, as children of one holder, so the
+    loop runs at the same stack depth whatever their number. The models must be distinct
+    module objects.
+    """
+    with contextlib.ExitStack() as stack:
+        swaps = [
+            stack.enter_context(r.session(sink=s)) for r, s in zip(runners, sinks, strict=True)
+        ]
+
+        def body(models: Sequence[nn.Module]) -> T:
+            return loop(
+                [
+                    functools.partial(_step, runner, model)
+                    for runner, model in zip(runners, models, strict=True)
+                ]
+            )
+
+        holder = _Holder([r._target for r in runners], body)
+        bound = {
+            f"models.{i}.{key}": tensor
+            for i, swap in enumerate(swaps)
+            for key, tensor in swap.items()
+        }
+        result: T = torch.func.functional_call(
+            holder,
+            bound,
+            (),
+            strict=False,
+            # Only the caller's tensors can stand for tied ones; working out the ties
+            # costs a walk over every tensor of the models.
+            tie_weights=any(r._overrides for r in runners),
+        )
+        return result
+
+
+def _step(runner: Runner, model: nn.Module, batch: Any) -> Any:
+    return runner.forward(model, batch)
+
+
+class _Holder(nn.Module):
+    """Holds the models as ``models`` so that one ``functional_call`` spans a whole loop."""
+
+    def __init__(self, models: list[nn.Module], body: Callable[[Sequence[nn.Module]], Any]) -> None:
         super().__init__()
-        self.model = model
+        self.models = nn.ModuleList(models)
         self.body = body
 
     def forward(self) -> Any:
-        return self.body(self.model)
+        return self.body(list(self.models))
 
 
 def _check_names(

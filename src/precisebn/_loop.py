@@ -8,15 +8,14 @@ whose checks failed run again, every batch intercepted, in a second pass over th
 from __future__ import annotations
 
 import itertools
-import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import torch
 
 from precisebn._batches import BatchLayoutError, integer_leaves, leading_size, place
-from precisebn._capture import Runner, Step, check_followed, one_value_message
+from precisebn._capture import Runner, Step, check_followed, one_value_message, within_all
 from precisebn._converge import Stopper
 from precisebn._direct import (
     Known,
@@ -31,7 +30,15 @@ from precisebn._fold import BLOCK, BlockFold
 from precisebn._moments import Stats
 from precisebn._stderr import Spreads
 
-__all__ = ["Outcome", "accumulate", "run_step"]
+__all__ = ["HOLD_BYTES", "Outcome", "accumulate", "run_step"]
+
+HOLD_BYTES = 64 * 2**20
+"""With several models, batches are held (up to a pooling point, or this many bytes) and
+run model by model, so that each model's weights stay in the cache across batches; one
+model runs each batch as it comes."""
+
+Placed = tuple[Any, list[Any], Any]
+"""A batch on one device: the batch, its leaves and its structure (`place`)."""
 
 T = TypeVar("T")
 
@@ -188,20 +195,35 @@ def _pass(
         chosen = _progress_bar(chosen, total=expected)
 
     def loop(steps: list[Step]) -> None:
-        read = 0
-        for index, raw in enumerate(chosen):
-            placed: dict[torch.device, tuple[Any, list[Any], Any]] = {}
+        read = held = 0
+        pending: list[tuple[int, dict[torch.device, Placed]]] = []
+
+        def run_pending() -> None:
+            # Model by model over the held batches: each model's weights stay in the cache.
             for member, step in zip(members, steps, strict=True):
-                if member.failed is not None:
-                    continue
+                for index, placed in pending:
+                    if member.failed is not None:
+                        break
+                    try:
+                        member.run(step, *placed[member.runner.device], index)
+                    except RestartError as error:
+                        member.failed = str(error)
+            pending.clear()
+
+        for index, raw in enumerate(chosen):
+            live = [m for m in members if m.failed is None]
+            placed: dict[torch.device, Placed] = {}
+            for member in live:
                 device = member.runner.device
                 if device not in placed:
                     placed[device] = place(raw, device)
-                try:
-                    member.run(step, *placed[device], index)
-                except RestartError as error:
-                    member.failed = str(error)
+                    held += _nbytes(placed[device][1])
+            pending.append((index, placed))
             read += 1
+            if len(live) > 1 and read % BLOCK and held <= HOLD_BYTES:
+                continue  # several models: hold the batch for the next round
+            run_pending()
+            held = 0
             live = [m for m in members if m.failed is None]
             if not live:
                 return
@@ -209,6 +231,7 @@ def _pass(
             if pooling and stopper.at_pool([(m.fold, m.used, m.samples) for m in live]):  # type: ignore[union-attr]
                 break
         else:
+            run_pending()
             if stopper is not None:  # under torch.distributed: until every rank stops
                 live = [m for m in members if m.failed is None]
                 stopper.finish([(m.fold, m.used, m.samples) for m in live])
@@ -217,35 +240,11 @@ def _pass(
                 check_followed(member.runner.reads, member.fold.recorded)
 
     with torch.no_grad():
-        bind_all([m.runner for m in members], [m.fold for m in members], loop)
+        within_all([m.runner for m in members], loop, sinks=[m.fold for m in members])
 
 
-def bind_all(
-    runners: Sequence[Runner], sinks: Sequence[BlockFold], body: Callable[[list[Step]], T]
-) -> T:
-    """Call ``body(steps)`` with every runner bound (`Runner.within`, nested), each ``step``
-    running a batch through its runner's model."""
-    steps: list[Step] = []
-
-    def nest(i: int) -> T:
-        if i == len(runners):
-            return body(steps)
-
-        def inner(step: Step) -> T:
-            steps.append(step)
-            return nest(i + 1)
-
-        return runners[i].within(inner, sink=sinks[i])
-
-    # Each binding holds a few dozen frames while the pass runs.
-    needed = sys.getrecursionlimit() + 64 * len(runners)
-    old = sys.getrecursionlimit()
-    if len(runners) > 1:
-        sys.setrecursionlimit(needed)
-    try:
-        return nest(0)
-    finally:
-        sys.setrecursionlimit(old)
+def _nbytes(leaves: list[Any]) -> int:
+    return sum(leaf.nbytes for leaf in leaves if isinstance(leaf, torch.Tensor))
 
 
 def _direct_batch(
