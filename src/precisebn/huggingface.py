@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from precisebn._batches import Forward, default_forward
-from precisebn._buffers import BNBuffers, apply_bn_buffers, bn_buffers
-from precisebn._recompute import recompute_bn_buffers
-from precisebn._report import eps_by_layer, report
+from precisebn._buffers import BNBuffers
+from precisebn._refresh import refresh
 
 if TYPE_CHECKING:
     TrainerCallback = object
@@ -130,24 +129,14 @@ class PreciseBNCallback(TrainerCallback):
         self, model: nn.Module, loader: Iterable[Any], *, labels: Iterable[str] = _LABELS
     ) -> BNBuffers:
         """Recompute and apply the statistics of ``model`` over ``loader`` now."""
-        old = {k: v.detach().clone() for k, v in bn_buffers(model).items()}
-        modes = [(m, m.training) for m in model.modules()]
-        if self.eval_mode:
-            model.eval()
-        try:
-            new = recompute_bn_buffers(
-                model,
-                loader,
-                num_batches=self.num_batches,
-                tol=self.tol,
-                forward=self.forward or _inputs_forward(frozenset(labels)),
-            )
-        finally:
-            for module, training in modes:
-                module.training = training
-        apply_bn_buffers(model, new)
-        moved = report(old, new, eps=eps_by_layer(model))
-        self._shift = max((row.shift_max for row in moved), default=0.0)
+        new, self._shift = refresh(
+            model,
+            loader,
+            num_batches=self.num_batches,
+            tol=self.tol,
+            forward=self.forward or _inputs_forward(frozenset(labels)),
+            eval_mode=self.eval_mode,
+        )
         self.last = new
         logger.info(
             "PreciseBNCallback: recomputed over %d batches; largest shift %.3g std",

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from precisebn._batches import Forward
-from precisebn._buffers import BNBuffers, apply_bn_buffers, bn_buffers
-from precisebn._recompute import recompute_bn_buffers
-from precisebn._report import eps_by_layer, report
+from precisebn._buffers import BNBuffers
+from precisebn._refresh import refresh
 
 if TYPE_CHECKING:
     Callback = object
@@ -141,25 +140,17 @@ class PreciseBN(Callback):
                 "PreciseBN found no batches: the trainer has no train dataloader yet; pass "
                 "PreciseBN(dataloader=...)"
             )
-        old = {k: v.detach().clone() for k, v in bn_buffers(pl_module).items()}
-        modes = [(m, m.training) for m in pl_module.modules()]
-        if self.eval_mode:
-            pl_module.eval()
-        try:
-            new = recompute_bn_buffers(
-                pl_module,
-                loader,
-                num_batches=self.num_batches,
-                tol=self.tol,
-                forward=self._forward(pl_module),
-            )
-        finally:
-            for module, training in modes:
-                module.training = training
-        apply_bn_buffers(pl_module, new)
+        new, shift = refresh(
+            pl_module,
+            loader,
+            num_batches=self.num_batches,
+            tol=self.tol,
+            forward=self._forward(pl_module),
+            eval_mode=self.eval_mode,
+        )
         self._step = trainer.global_step
         self.last = new
-        self._log(trainer, report(old, new, eps=eps_by_layer(pl_module)), new)
+        self._log(trainer, shift, new)
         return new
 
     def _forward(self, pl_module: nn.Module) -> Forward | None:
@@ -169,8 +160,7 @@ class PreciseBN(Callback):
             return _module_hook
         return None
 
-    def _log(self, trainer: Any, moved: Any, new: BNBuffers) -> None:
-        shift = max((row.shift_max for row in moved), default=0.0)
+    def _log(self, trainer: Any, shift: float, new: BNBuffers) -> None:
         metrics = {"precisebn/num_batches": float(new.num_batches), "precisebn/max_shift": shift}
         if new.converged is not None:
             metrics["precisebn/converged"] = float(new.converged)

@@ -1,0 +1,44 @@
+"""What the trainer callbacks do at their hooks: recompute in eval mode, apply, report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from precisebn._batches import Forward
+from precisebn._buffers import BNBuffers, apply_bn_buffers, bn_buffers
+from precisebn._recompute import recompute_bn_buffers
+from precisebn._report import eps_by_layer, report
+
+__all__ = ["refresh"]
+
+
+def refresh(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    num_batches: int,
+    tol: float | None,
+    forward: Forward | None,
+    eval_mode: bool,
+) -> tuple[BNBuffers, float]:
+    """Recompute ``model``'s BN statistics and write them into it; return the result and
+    the largest shift of a layer's mean, in units of its new standard deviation.
+
+    With ``eval_mode`` the rest of the model runs in eval mode (dropout off) during the
+    recompute; every module's flag is restored afterwards, also on error.
+    """
+    old = {k: v.detach().clone() for k, v in bn_buffers(model).items()}
+    modes = [(m, m.training) for m in model.modules()]
+    if eval_mode:
+        model.eval()
+    try:
+        new = recompute_bn_buffers(model, loader, num_batches=num_batches, tol=tol, forward=forward)
+    finally:
+        for module, training in modes:
+            module.training = training
+    apply_bn_buffers(model, new)
+    moved = report(old, new, eps=eps_by_layer(model))
+    return new, max((row.shift_max for row in moved), default=0.0)
