@@ -307,3 +307,24 @@ def test_vmap_leaves_written_buffers_and_stacks_unchanged() -> None:
     for i, member in enumerate(members):
         alone = precisebn.recompute_bn_buffers(member, data)
         torch.testing.assert_close(new["1.running_var"][i], alone["1.running_var"])
+
+
+def test_vmap_over_the_data_or_nested_is_a_clear_error() -> None:
+    members, params, buffers = ensemble(2)
+    data = vectors(3)
+    xs = torch.stack(data)
+    with pytest.raises(ValueError, match="vmap over the weights"):
+        vmap(lambda x: precisebn.recompute_bn_buffers(members[0], [x]))(xs)
+    stats = precisebn.init(precisebn.bn_buffers(members[0]))
+    with pytest.raises(ValueError, match="vmap over the weights"):
+        vmap(lambda x: precisebn.update(stats, members[0], x))(xs)
+    with pytest.raises(ValueError, match="vmap over the weights"):
+        vmap(lambda x: precisebn.capture(members[0], x))(xs)
+    twice = (
+        {k: torch.stack([v, v]) for k, v in params.items()},
+        {k: torch.stack([v, v]) for k, v in buffers.items()},
+    )
+    with pytest.raises(ValueError, match="nested over precisebn"):
+        vmap(
+            vmap(lambda p, b: precisebn.recompute_bn_buffers(members[0], data, params=p, buffers=b))
+        )(*twice)

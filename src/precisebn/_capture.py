@@ -38,7 +38,7 @@ from precisebn._guard import Protection
 from precisebn._layers import STAT_NAMES, LayerSelector, buffer_key, find_bn_layers
 from precisebn._moments import Moments, Stats, from_batch, merge_layer
 from precisebn._tags import Call, Sink, Tag, checking_torch_function, make_tag
-from precisebn._vmap import is_transformed, per_member, split_weights, weights
+from precisebn._vmap import check_unbatched, is_transformed, per_member, split_weights, weights
 
 _FULL_WIDTH = (torch.float32, torch.float64)
 logger = logging.getLogger("precisebn")
@@ -553,6 +553,7 @@ def capture(
         >>> out.shape, moments["1"].count.item()
         (torch.Size([8, 4]), 8.0)
     """
+    check_unbatched(torch.utils._pytree.tree_leaves(inputs))
     if is_transformed(params, buffers):
         return _capture_transformed(model, inputs, params, buffers, forward, layers)
     runner = Runner(model, layers=layers, params=params, buffers=buffers, forward=forward)

@@ -29,6 +29,7 @@ from precisebn._direct import (
 from precisebn._fold import BLOCK, BlockFold
 from precisebn._moments import Stats
 from precisebn._stderr import Spreads
+from precisebn._vmap import check_unbatched
 
 __all__ = ["HOLD_BYTES", "Outcome", "accumulate", "run_step"]
 
@@ -218,6 +219,8 @@ def _pass(
                 if device not in placed:
                     placed[device] = place(raw, device)
                     held += _nbytes(placed[device][1])
+            if index == 0:
+                check_unbatched(next(iter(placed.values()))[1])
             pending.append((index, placed))
             read += 1
             if len(live) > 1 and read % BLOCK and held <= HOLD_BYTES:

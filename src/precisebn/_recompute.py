@@ -26,7 +26,7 @@ from precisebn._layers import LayerSelector
 from precisebn._loop import Outcome, accumulate, run_step
 from precisebn._moments import Moments, Stats, finalize, init, merge
 from precisebn._stderr import MIN_BATCHES, Spreads, standard_errors
-from precisebn._vmap import is_transformed, per_member, split_weights, weights
+from precisebn._vmap import check_unbatched, is_transformed, per_member, split_weights, weights
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -82,6 +82,7 @@ def _batch_moments(
     forward: Forward | None,
 ) -> tuple[Stats, str | None]:
     """One batch's moments per layer it reached, or why it is skipped."""
+    check_unbatched(torch.utils._pytree.tree_leaves(batch))
     runner = Runner(model, layers=layers, params=params, buffers=buffers, forward=forward)
     with torch.no_grad():
         sink = RecordList()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["is_transformed", "per_member", "split_weights", "weights"]
+__all__ = ["check_unbatched", "is_transformed", "per_member", "split_weights", "weights"]
 
 Members = Callable[[list[dict[str, Tensor]]], list[list[Tensor]]]
 """``many(members) -> outputs``: each member's tensors by name in, its flat outputs out."""
@@ -37,6 +37,20 @@ def is_transformed(*mappings: Mapping[str, Tensor] | None) -> bool:
         for t in mapping.values()
         if isinstance(t, Tensor)
     )
+
+
+def check_unbatched(leaves: Sequence[Any]) -> None:
+    """Raise if a batch holds tensors batched by ``torch.func.vmap``.
+
+    Raises:
+        ValueError: the data is batched, which the statistics cannot follow.
+    """
+    if any(isinstance(t, Tensor) and torch._C._functorch.is_batchedtensor(t) for t in leaves):
+        raise ValueError(
+            "the batches are batched by torch.func.vmap: precisebn pools every value of a "
+            "layer over the whole loader, so vmap over the weights (params=, buffers= "
+            "from torch.func.stack_module_state), not over the data"
+        )
 
 
 def weights(
@@ -104,6 +118,11 @@ class _PerMember(torch.autograd.Function):
             )
             for i in range(info.batch_size)
         ]
+        if any(is_transformed(member) for member in members):
+            raise ValueError(
+                "torch.func.vmap nested over precisebn: stack every member along one "
+                "dimension instead (reshape the stacked weights to [K1 * K2, ...])"
+            )
         outs = call.many(members)
         stacked = tuple(torch.stack(parts) for parts in zip(*outs, strict=True))
         return stacked, (0,) * len(stacked)
