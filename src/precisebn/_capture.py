@@ -36,7 +36,7 @@ from torch.nn.utils._named_member_accessor import NamedMemberAccessor
 from precisebn._batches import Forward, default_forward
 from precisebn._guard import Protection
 from precisebn._layers import STAT_NAMES, LayerSelector, buffer_key, find_bn_layers
-from precisebn._moments import Moments, Stats, from_batch, merge_layer
+from precisebn._moments import Moments, Stats, flatten, from_batch, merge_layer, unflatten
 from precisebn._tags import Call, Sink, Tag, checking_torch_function, make_tag
 from precisebn._vmap import check_unbatched, is_transformed, per_member, split_weights, weights
 
@@ -585,13 +585,11 @@ def _capture_transformed(
                 )
             if not shape:
                 shape.append((spec, list(moments)))
-            flat = [t for layer in shape[0][1] for t in moments[layer]]
-            outs.append([leaf.detach() for leaf in leaves] + flat)
+            outs.append([leaf.detach() for leaf in leaves] + flatten(moments, shape[0][1]))
         return outs
 
     flat = per_member(many, weights(params, buffers))
     spec, reached = shape[0]
     outputs = flat[: spec.num_leaves]
-    parts = flat[spec.num_leaves :]
-    moments = {layer: Moments(*parts[3 * i : 3 * i + 3]) for i, layer in enumerate(reached)}
+    moments = unflatten(flat[spec.num_leaves :], reached)
     return torch.utils._pytree.tree_unflatten(outputs, spec), moments

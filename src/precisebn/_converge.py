@@ -27,9 +27,11 @@ if TYPE_CHECKING:
     from precisebn._fold import BlockFold
 
 __all__ = [
+    "Progress",
     "Stopper",
     "Worst",
     "check_tol",
+    "reached",
     "tagged",
     "untagged",
     "warn_not_converged",
@@ -84,6 +86,12 @@ def worst(stats: Stats, spreads: Spreads) -> Worst | None:
     return Worst(layer, int(channel), error)
 
 
+def reached(found: Worst | None, *, used: int, tol: float) -> bool:
+    """Whether a model with least precise channel ``found`` after ``used`` batches has
+    converged: at least `MIN_BATCHES` batches, and every recomputed channel within ``tol``."""
+    return used >= MIN_BATCHES and found is not None and found.error <= tol
+
+
 Progress = tuple["BlockFold", int, int]
 """One model of a pass: its fold, and the batches and samples it folded so far."""
 
@@ -95,9 +103,6 @@ class Stopper:
     def __init__(self, tol: float, *, group: ProcessGroup | None) -> None:
         self.tol = tol
         self.group = group
-
-    def converged(self, found: Worst | None) -> bool:
-        return found is not None and found.error <= self.tol
 
     def at_pool(self, models: Sequence[Progress]) -> bool:
         """Whether to stop after the batches folded so far."""
@@ -115,7 +120,10 @@ class Stopper:
     def _ask(self, models: Sequence[Progress], *, running: bool) -> bool:
         states = [(fold.result(), fold.spreads()) for fold, _, _ in models]
         if self.group is None:
-            return all(self.converged(worst(*state)) for state in states)
+            return all(
+                reached(worst(*state), used=used, tol=self.tol)
+                for state, (_, used, _) in zip(states, models, strict=True)
+            )
         reduced = reduce_run(
             tagged([stats for stats, _ in states]),
             batches=sum(used for _, used, _ in models),
@@ -132,7 +140,7 @@ class Stopper:
             untagged(reduced.spreads, len(models)),
         )
         return all(
-            used >= MIN_BATCHES and self.converged(worst(s, sp))
+            reached(worst(s, sp), used=used, tol=self.tol)
             for (used, _), s, sp in zip(reduced.models, stats, spreads, strict=True)
         )
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import torch
 
 from precisebn._batches import BatchLayoutError, integer_leaves, leading_size, place
 from precisebn._capture import Runner, Step, check_followed, one_value_message, within_all
-from precisebn._converge import Stopper
+from precisebn._converge import Progress, Stopper
 from precisebn._direct import (
     Known,
     Signatures,
@@ -40,8 +40,6 @@ model runs each batch as it comes."""
 
 Placed = tuple[Any, list[Any], Any]
 """A batch on one device: the batch, its leaves and its structure (`place`)."""
-
-T = TypeVar("T")
 
 
 class Outcome(NamedTuple):
@@ -196,7 +194,7 @@ def _pass(
         chosen = _progress_bar(chosen, total=expected)
 
     def loop(steps: list[Step]) -> None:
-        read = held = 0
+        held = 0
         pending: list[tuple[int, dict[torch.device, Placed]]] = []
 
         def run_pending() -> None:
@@ -222,7 +220,7 @@ def _pass(
             if index == 0:
                 check_unbatched(next(iter(placed.values()))[1])
             pending.append((index, placed))
-            read += 1
+            read = index + 1
             if len(live) > 1 and read % BLOCK and held <= HOLD_BYTES:
                 continue  # several models: hold the batch for the next round
             run_pending()
@@ -231,19 +229,22 @@ def _pass(
             if not live:
                 return
             pooling = stopper is not None and read % BLOCK == 0
-            if pooling and stopper.at_pool([(m.fold, m.used, m.samples) for m in live]):  # type: ignore[union-attr]
+            if pooling and stopper.at_pool(_progress(live)):  # type: ignore[union-attr]
                 break
         else:
             run_pending()
             if stopper is not None:  # under torch.distributed: until every rank stops
-                live = [m for m in members if m.failed is None]
-                stopper.finish([(m.fold, m.used, m.samples) for m in live])
+                stopper.finish(_progress([m for m in members if m.failed is None]))
         for member in members:
             if member.failed is None:
                 check_followed(member.runner.reads, member.fold.recorded)
 
     with torch.no_grad():
         within_all([m.runner for m in members], loop, sinks=[m.fold for m in members])
+
+
+def _progress(members: list[Member]) -> list[Progress]:
+    return [(m.fold, m.used, m.samples) for m in members]
 
 
 def _nbytes(leaves: list[Any]) -> int:

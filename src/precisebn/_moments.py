@@ -21,11 +21,13 @@ __all__ = [
     "Moments",
     "Stats",
     "finalize",
+    "flatten",
     "from_batch",
     "init",
     "merge",
     "merge_layer",
     "nonfinite_message",
+    "unflatten",
 ]
 
 
@@ -73,6 +75,16 @@ def init(buffers: Mapping[str, Tensor]) -> Stats:
             zeros = torch.zeros(tensor.shape, dtype=torch.float64, device=tensor.device)
             stats[layer] = Moments(zeros.new_zeros(()), zeros, zeros.clone())
     return stats
+
+
+def flatten(stats: Stats, layers: list[str]) -> list[Tensor]:
+    """``count, mean, m2`` of each of ``layers`` in turn: a flat list of tensors."""
+    return [t for layer in layers for t in stats[layer]]
+
+
+def unflatten(flat: list[Tensor], layers: list[str]) -> Stats:
+    """The state that `flatten` flattened."""
+    return {layer: Moments(*flat[3 * i : 3 * i + 3]) for i, layer in enumerate(layers)}
 
 
 def from_batch(

@@ -20,12 +20,20 @@ from torch import Tensor, nn
 from precisebn._batches import Forward, to_device
 from precisebn._buffers import BNBuffers, ErrorsLater
 from precisebn._capture import RecordList, Runner, Step, check_followed, collect, one_value_message
-from precisebn._converge import Stopper, check_tol, tagged, untagged, warn_not_converged, worst
+from precisebn._converge import (
+    Stopper,
+    check_tol,
+    reached,
+    tagged,
+    untagged,
+    warn_not_converged,
+    worst,
+)
 from precisebn._distributed import GroupError, abandon, reduce_run, reduction_group
 from precisebn._layers import LayerSelector
 from precisebn._loop import Outcome, accumulate, run_step
-from precisebn._moments import Moments, Stats, finalize, init, merge
-from precisebn._stderr import MIN_BATCHES, Spreads, standard_errors
+from precisebn._moments import Stats, finalize, flatten, init, merge, unflatten
+from precisebn._stderr import Spreads, standard_errors
 from precisebn._vmap import check_unbatched, is_transformed, per_member, split_weights, weights
 
 if TYPE_CHECKING:
@@ -105,7 +113,6 @@ def _batch_moments_transformed(
     """`_batch_moments` of every member of a stack of weights (see `precisebn._vmap`): the
     moments of every layer (count 0 where the batch did not reach it), batched."""
     skipped: list[str] = []
-    sizes: dict[str, int] = {}
 
     def many(members: list[dict[str, Tensor]]) -> list[list[Tensor]]:
         outs = []
@@ -113,15 +120,14 @@ def _batch_moments_transformed(
             moments, why = _batch_moments(model, batch, layers, p, b, forward)
             if why is not None:
                 skipped.append(why)
-            if not sizes:
-                sizes.update(_layer_sizes(model, layers, p, b))
-            outs.append(_flat_moments(moments, layers, sizes))
+            unreached = init({**dict(model.named_buffers()), **b})
+            outs.append(flatten({**unreached, **moments}, layers))
         return outs
 
     flat = per_member(many, weights(params, buffers))
     if skipped:
         return {}, skipped[0]
-    return {layer: Moments(*flat[3 * i : 3 * i + 3]) for i, layer in enumerate(layers)}, None
+    return unflatten(flat, layers), None
 
 
 def _checked_step(runner: Runner, step: Step, batch: Any) -> Any:
@@ -451,7 +457,7 @@ def _result(
     tol = options.tol
     if tol is not None:
         found = worst(stats, spreads)
-        converged = used >= MIN_BATCHES and found is not None and found.error <= tol
+        converged = reached(found, used=used, tol=tol)
         if not converged:
             warn_not_converged(found, tol=tol, batches=used)
     result = BNBuffers(new, num_batches=used, num_samples=samples, converged=converged)
@@ -553,31 +559,4 @@ def _recompute_transformed(
         out._errors = ErrorsLater(
             compute=lambda: ({k: torch.stack([r.stderr[k] for r in results]) for k in keys}, {})
         )
-    return out
-
-
-def _layer_sizes(
-    model: nn.Module,
-    layers: list[str],
-    params: Mapping[str, Tensor] | None,
-    buffers: Mapping[str, Tensor] | None,
-) -> dict[str, int]:
-    """Each layer's channel count, from the running mean it would be given."""
-    state = {**dict(model.named_buffers()), **(buffers or {})}
-    return {
-        layer: state[f"{layer}.running_mean" if layer else "running_mean"].numel()
-        for layer in layers
-    }
-
-
-def _flat_moments(moments: Stats, layers: list[str], sizes: dict[str, int]) -> list[Tensor]:
-    """``[count, mean, m2]`` per layer, zeros where not reached."""
-    out = []
-    for layer in layers:
-        m = moments.get(layer)
-        if m is None:
-            zeros = torch.zeros(sizes[layer], dtype=torch.float64)
-            out.extend([zeros.new_zeros(()), zeros, zeros])
-        else:
-            out.extend(m)
     return out
