@@ -2,13 +2,13 @@
 
 Parameters, BN buffers and optimiser state are plain dicts of tensors (pytrees).
 The loss is a pure function of them; ``torch.func.grad_and_value`` differentiates
-it; the optimiser step is a pure ``optree.tree_map``. ``precisebn.capture`` runs
-the network statelessly and hands back each BN layer's batch moments as data, the
-way Flax returns ``batch_stats``, so nothing is mutated in place.
+it; the optimiser step is a pure ``optree.tree_map``. A ``precisebn.recorder``, built
+once for the model, runs the network statelessly and hands back each BN layer's batch
+moments as data, the way Flax returns ``batch_stats``, so nothing is mutated in place.
 
-For evaluation the BN buffers are recomputed exactly for the final parameters
-with ``precisebn.init`` / ``update`` / ``finalize``, and compared with the running
-averages the loop kept along the way.
+For evaluation the BN buffers are recomputed exactly for the final parameters with the
+recorder's ``init`` / ``update`` / ``finalize``, and compared with the running averages
+the loop kept along the way.
 
 Run it with ``python examples/functional_training.py``: it trains a small
 convolutional network on scikit-learn's bundled 8x8 digits in a few seconds on a
@@ -83,7 +83,7 @@ def make_model() -> nn.Module:
 # --8<-- [start:loss]
 # A pure loss: (params, buffers, batch) -> (loss, batch moments).
 def loss_fn(
-    model: nn.Module,
+    recorder: precisebn.Recorder,
     params: Tree,
     buffers: Tree,
     batch: Batch,
@@ -91,8 +91,7 @@ def loss_fn(
     images, labels = batch
     # BN layers normalise with the batch statistics, whose moments
     # come back as data next to the output.
-    logits, moments = precisebn.capture(
-        model,
+    logits, moments = recorder.capture(
         images,
         params=params,
         buffers=buffers,
@@ -157,22 +156,21 @@ def ema_buffers(
 
 
 def precise_buffers(
-    model: nn.Module,
+    recorder: precisebn.Recorder,
     params: Tree,
     buffers: Tree,
     loader: Iterable[Batch],
 ) -> Tree:
     """Pool every batch through ``params``: the statistics of the data."""
-    stats = precisebn.init(buffers)
+    stats = recorder.init(buffers=buffers)
     for images, _ in loader:
-        stats = precisebn.update(
+        stats = recorder.update(
             stats,
-            model,
             images,
             params=params,
             buffers=buffers,
         )
-    return {**buffers, **precisebn.finalize(stats, like=buffers)}
+    return {**buffers, **recorder.finalize(stats, buffers=buffers)}
 
 
 def predict(
@@ -213,12 +211,13 @@ def main(
     # eval() for good: capture() makes BN use batch statistics anyway, and
     # functional_call() in eval mode uses the buffers it is given.
     model = make_model().eval()
+    recorder = precisebn.recorder(model)  # the BN layers, bound once
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     opt_state = adam_init(params)
     # Gradients with respect to the first argument, params;
     # the moments ride along as auxiliary output.
-    loss_of_params = functools.partial(loss_fn, model)
+    loss_of_params = functools.partial(loss_fn, recorder)
     grad_fn = torch.func.grad_and_value(loss_of_params, has_aux=True)
 
     epoch_losses = []
@@ -233,7 +232,7 @@ def main(
 
     # Statistics of the final weights: one pass in training-size batches.
     loader = batches(train, batch_size, seed=seed)
-    precise = precise_buffers(model, params, buffers, loader)
+    precise = precise_buffers(recorder, params, buffers, loader)
     return {
         "model": model,
         "params": params,

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
-
-from precisebn._fold import BlockFold
 
 
 @pytest.fixture
@@ -21,17 +17,3 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def direct_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the batches folded as direct batches during a test."""
-    seen: list[int] = []
-    original = BlockFold.end_direct
-
-    def counting(self: BlockFold, live: Tensor, *args: Any) -> None:
-        seen.append(1)
-        original(self, live, *args)
-
-    monkeypatch.setattr(BlockFold, "end_direct", counting)
-    return seen

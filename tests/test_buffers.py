@@ -1,10 +1,7 @@
-"""BNBuffers behaves as a plain dict of tensors: on disk, to pytrees, and to apply_bn_buffers."""
+"""The result is a plain dict of tensors: on disk, to pytrees, and to apply_bn_buffers."""
 
 from __future__ import annotations
 
-import collections
-import copy
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -25,26 +22,14 @@ def model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
 
 
-def result(net: nn.Module | None = None) -> precisebn.BNBuffers:
+def result(net: nn.Module | None = None) -> dict[str, Tensor]:
     net = model() if net is None else net
-    new = precisebn.recompute_bn_buffers(net, [torch.randn(16, 3) for _ in range(3)])
-    assert isinstance(new, precisebn.BNBuffers)
-    assert (new.num_batches, new.num_samples) == (3, 48)
-    return new
-
-
-def unsorted() -> precisebn.BNBuffers:
-    """Keys in reverse sorted order, so sorted and insertion order differ."""
-    return precisebn.BNBuffers(
-        {VAR: torch.full((4,), 2.0), MEAN: torch.arange(4.0)}, num_batches=5, num_samples=7
+    new, info = precisebn.recompute_bn_buffers(
+        net, [torch.randn(16, 3) for _ in range(3)], return_info=True
     )
-
-
-def assert_same_buffers(got: object, want: dict[str, Tensor]) -> None:
-    assert isinstance(got, precisebn.BNBuffers)
-    assert list(got) == list(want)
-    for key, value in want.items():
-        assert torch.equal(got[key], value), key
+    assert type(new) is dict
+    assert (info.num_batches, info.num_samples) == (3, 48)
+    return new
 
 
 def state(net: nn.Module) -> dict[str, Tensor]:
@@ -59,13 +44,7 @@ def assert_bit_identical(before: dict[str, Tensor], after: dict[str, Tensor]) ->
         assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), key
 
 
-# --- pickling / torch.save -----------------------------------------------------------------
-
-
-def test_pickles_exactly_like_an_ordered_dict() -> None:
-    new = result()
-    assert pickle.dumps(new) == pickle.dumps(collections.OrderedDict(new))
-    assert b"precisebn" not in pickle.dumps(new)
+# --- torch.save and pytrees ------------------------------------------------------------------
 
 
 def test_torch_save_load_weights_only_round_trip(tmp_path: Path) -> None:
@@ -74,17 +53,13 @@ def test_torch_save_load_weights_only_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "bn.pt"
     torch.save(new, path)
     loaded = torch.load(path, weights_only=True)
-    assert type(loaded) is collections.OrderedDict
-    assert isinstance(loaded, dict)
+    assert type(loaded) is dict
     assert list(loaded) == list(new)
     for key in new:
         assert torch.equal(loaded[key], new[key])
     assert not net.load_state_dict(loaded, strict=False).unexpected_keys
     assert torch.equal(net[1].running_mean, new[MEAN])
     assert torch.equal(net[1].running_var, new[VAR])
-    # The attributes are in memory only, and the original keeps them.
-    assert not hasattr(loaded, "num_batches")
-    assert (new.num_batches, new.num_samples) == (3, 48)
 
 
 def test_torch_load_in_a_process_without_precisebn(tmp_path: Path) -> None:
@@ -106,112 +81,23 @@ def test_torch_load_in_a_process_without_precisebn(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"OrderedDict {sorted(new)} {new[VAR].tolist()}"
+    assert done.stdout.strip() == f"dict {sorted(new)} {new[VAR].tolist()}"
 
 
-def test_copy_and_deepcopy_keep_attributes() -> None:
-    new = unsorted()
-    shallow = copy.copy(new)
-    deep = copy.deepcopy(new)
-    for twin in (shallow, deep):
-        assert_same_buffers(twin, new)
-        assert twin is not new
-        assert (twin.num_batches, twin.num_samples) == (5, 7)
-    assert shallow[MEAN] is new[MEAN]
-    assert deep[MEAN] is not new[MEAN]
-    deep[MEAN].add_(1)
-    assert torch.equal(new[MEAN], torch.arange(4.0))
-
-
-def test_deepcopy_keeps_shared_tensors_shared() -> None:
-    shared = torch.zeros(4)
-    new = precisebn.BNBuffers({MEAN: shared, VAR: shared}, num_batches=1, num_samples=2)
-    deep = copy.deepcopy({"a": new, "b": new})
-    assert deep["a"] is deep["b"]
-    assert deep["a"][MEAN] is deep["a"][VAR]
-
-
-# --- pytrees -------------------------------------------------------------------------------
-
-
-def test_optree_tree_map_gives_bnbuffers() -> None:
-    new = result()
-    doubled = optree.tree_map(lambda t: t * 2, new)
-    assert_same_buffers(doubled, {k: v * 2 for k, v in new.items()})
-    assert (doubled.num_batches, doubled.num_samples) == (3, 48)
-
-
-def test_torch_pytree_tree_map_gives_bnbuffers() -> None:
-    new = result()
-    doubled = torch_pytree.tree_map(lambda t: t * 2, new)
-    assert_same_buffers(doubled, {k: v * 2 for k, v in new.items()})
-    assert (doubled.num_batches, doubled.num_samples) == (3, 48)
-
-
-def test_optree_flattens_like_a_dict() -> None:
-    new = unsorted()
-    leaves = optree.tree_leaves(new)
-    want = optree.tree_leaves(dict(new))
-    assert len(leaves) == 2
-    assert all(a is b for a, b in zip(leaves, want, strict=True))
-    assert leaves[0] is new[MEAN]  # sorted keys, as optree sorts a dict's
-    assert optree.tree_paths(new) == optree.tree_paths(dict(new)) == [(MEAN,), (VAR,)]
-    # Unflattening restores insertion order, as optree does for a dict.
-    assert list(optree.tree_map(lambda t: t, new)) == [VAR, MEAN]
-
-
-def test_torch_pytree_flattens_like_a_dict() -> None:
-    new = unsorted()
-    leaves, _ = torch_pytree.tree_flatten(new)
-    want, _ = torch_pytree.tree_flatten(dict(new))
-    assert len(leaves) == 2
-    assert all(a is b for a, b in zip(leaves, want, strict=True))
-    paths = [path for path, _ in torch_pytree.tree_flatten_with_path(new)[0]]
-    assert paths == [path for path, _ in torch_pytree.tree_flatten_with_path(dict(new))[0]]
-
-
-def test_optree_structure_round_trips() -> None:
-    new = unsorted()
+def test_both_pytree_libraries_map_the_result_and_its_info() -> None:
+    new, info = precisebn.recompute_bn_buffers(
+        model(), [torch.randn(16, 3) + 1 for _ in range(3)], return_info=True
+    )
+    for tree_map in (optree.tree_map, torch_pytree.tree_map):
+        doubled = tree_map(lambda t: t * 2 if isinstance(t, Tensor) else t, (new, info))
+        assert type(doubled[0]) is dict
+        assert list(doubled[0]) == list(new)
+        assert torch.equal(doubled[0][VAR], new[VAR] * 2)
+        assert isinstance(doubled[1], precisebn.RunInfo)
+        assert doubled[1].num_batches == 3
+        assert torch.equal(doubled[1].stderr[VAR], info.stderr[VAR] * 2)
     leaves, spec = optree.tree_flatten(new)
-    assert spec == optree.tree_structure(new)
-    assert spec.num_leaves == 2
-    back = optree.tree_unflatten(spec, leaves)
-    assert_same_buffers(back, new)
-    assert (back.num_batches, back.num_samples) == (5, 7)
-    # Nested inside other containers too.
-    nested = optree.tree_map(lambda t: t + 1, {"bn": new, "step": torch.zeros(())})
-    assert_same_buffers(nested["bn"], {k: v + 1 for k, v in new.items()})
-
-
-def test_optree_structure_compares_like_a_dict_plus_counts() -> None:
-    new = unsorted()
-    reordered = precisebn.BNBuffers(dict(sorted(new.items())), num_batches=5, num_samples=7)
-    assert optree.tree_structure(new) == optree.tree_structure(reordered)
-    other = precisebn.BNBuffers(new, num_batches=6, num_samples=7)
-    assert optree.tree_structure(new) != optree.tree_structure(other)
-    assert optree.tree_structure(new) != optree.tree_structure(dict(new))
-
-
-def test_torch_pytree_structure_round_trips() -> None:
-    new = unsorted()
-    leaves, spec = torch_pytree.tree_flatten(new)
-    assert spec == torch_pytree.tree_structure(new)
-    assert spec.num_leaves == 2
-    back = torch_pytree.tree_unflatten(leaves, spec)
-    assert_same_buffers(back, new)
-    assert (back.num_batches, back.num_samples) == (5, 7)
-    loaded = torch_pytree.treespec_loads(torch_pytree.treespec_dumps(spec))
-    assert loaded == spec
-    again = torch_pytree.tree_unflatten(leaves, loaded)
-    assert (again.num_batches, again.num_samples) == (5, 7)
-
-
-def test_torch_cxx_pytree_tree_map_gives_bnbuffers() -> None:
-    cxx_pytree = pytest.importorskip("torch.utils._cxx_pytree")
-    new = unsorted()
-    doubled = cxx_pytree.tree_map(lambda t: t * 2, new)
-    assert_same_buffers(doubled, {k: v * 2 for k, v in new.items()})
-    assert (doubled.num_batches, doubled.num_samples) == (5, 7)
+    assert optree.tree_unflatten(spec, leaves) == new
 
 
 # --- apply_bn_buffers refuses non-finite values ---------------------------------------------

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -19,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel
 
 import cli_factories
 import precisebn
-from precisebn import _cli
+from precisebn import _checkpoint, _cli
 
 from reference import assert_matches, pooled_inputs
 
@@ -67,7 +68,7 @@ def recompute_args(checkpoint: Path, out: Path, /, **changes: str) -> list[str]:
     return ["recompute", *(part for item in options.items() for part in item)]
 
 
-def expected_buffers(state: dict[str, torch.Tensor], num_batches: int) -> precisebn.BNBuffers:
+def expected_buffers(state: dict[str, torch.Tensor], num_batches: int) -> dict[str, torch.Tensor]:
     model = cli_factories.make_model()
     model.load_state_dict(state)
     return precisebn.recompute_bn_buffers(
@@ -112,10 +113,10 @@ def test_summary_is_the_report_of_the_buffers(
     monkeypatch: pytest.MonkeyPatch,
     one_thread: None,
 ) -> None:
-    results: list[precisebn.BNBuffers] = []
+    results: list[tuple[dict[str, torch.Tensor], precisebn.RunInfo]] = []
     library = _cli.recompute_bn_buffers
 
-    def spy(*args: Any, **kwargs: Any) -> precisebn.BNBuffers:
+    def spy(*args: Any, **kwargs: Any) -> tuple[dict[str, torch.Tensor], precisebn.RunInfo]:
         results.append(library(*args, **kwargs))
         return results[-1]
 
@@ -124,8 +125,8 @@ def test_summary_is_the_report_of_the_buffers(
     assert _cli.main([*recompute_args(checkpoint, out), "--top", "1"]) == 0
     stdout = capsys.readouterr().out
     old, written = torch.load(checkpoint, weights_only=True), torch.load(out, weights_only=True)
-    [new] = results
-    expected = precisebn.report(old, new, eps=1e-5, top=1)  # the model's layers' eps
+    [(new, info)] = results
+    expected = precisebn.report(old, new, info=info, eps=1e-5, top=1)  # the model's layers' eps
     assert f"\n{expected}\n" in stdout
     assert [row.layer for row in expected] == ["1", "4", "9"]
     assert expected.flagged() == [max(expected, key=lambda row: row.score).layer]
@@ -137,26 +138,6 @@ def test_summary_is_the_report_of_the_buffers(
         assert row.shift_max == pytest.approx((moved.abs() / std).max().item(), rel=1e-6)
         printed = next(line for line in stdout.splitlines() if line.startswith(f"  {row.layer} "))
         assert float(printed.split()[3]) == pytest.approx(row.shift_max, abs=1e-3)
-
-
-def test_no_direct_intercepts_every_batch(
-    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
-) -> None:
-    seen: list[bool] = []
-    library = _cli.recompute_bn_buffers
-
-    def spy(*args: Any, **kwargs: Any) -> precisebn.BNBuffers:
-        seen.append(kwargs["direct"])
-        return library(*args, **kwargs)
-
-    monkeypatch.setattr(_cli, "recompute_bn_buffers", spy)
-    outs = [tmp_path / "direct.pt", tmp_path / "intercepted.pt"]
-    assert _cli.main(recompute_args(checkpoint, outs[0], num_batches="6")) == 0
-    assert _cli.main([*recompute_args(checkpoint, outs[1], num_batches="6"), "--no-direct"]) == 0
-    assert seen == [True, False]
-    direct, intercepted = (torch.load(out, weights_only=True) for out in outs)
-    for key, value in direct.items():
-        torch.testing.assert_close(value, intercepted[key], rtol=1e-6, atol=1e-7)
 
 
 def test_wrapped_checkpoint_gets_a_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -317,12 +298,22 @@ def test_trusted_checkpoint_with_other_objects(
 
 
 def test_existing_output_is_kept(
-    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    def not_called(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("recomputed although --out exists")
+
+    monkeypatch.setattr(_cli, "recompute_bn_buffers", not_called)  # checked before the work
     out = tmp_path / "out.pt"
     out.write_bytes(b"precious")
     assert _cli.main(recompute_args(checkpoint, out)) == 1
-    assert "exists" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"precisebn recompute: error: {out} exists; choose another path or pass "
+        "overwrite=True (here: --overwrite)\n"
+    )
     assert out.read_bytes() == b"precious"
     # Nor the input itself, without --overwrite.
     before = checkpoint.read_bytes()
@@ -363,6 +354,7 @@ def test_tol_stops_early_and_says_so(
         assert float(row[7]) > 0
 
 
+@pytest.mark.filterwarnings("always")
 def test_tol_out_of_reach_warns(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -370,13 +362,19 @@ def test_tol_out_of_reach_warns(
     assert _cli.main([*args, "--tol", "0.01"]) == 0
     out = capsys.readouterr()
     assert "over 4 batches (32 samples); tol=0.01 not reached" in out.out
-    assert "tol=0.01 was not reached" in out.err
+    assert "precisebn: WARNING: tol=0.01 was not reached" in out.err
     assert (tmp_path / "out.pt").exists()
 
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--num-batches", "0"), ("--device", "tpu"), ("--tol", "0"), ("--tol", "nan")],
+    [
+        ("--num-batches", "0"),
+        ("--device", "tpu"),
+        ("--tol", "0"),
+        ("--tol", "nan"),
+        ("--no-direct", "--eval"),  # gone with the direct batches: every batch is intercepted
+    ],
 )
 def test_argparse_rejects_bad_values(
     option: str, value: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -388,28 +386,50 @@ def test_argparse_rejects_bad_values(
     assert option in capsys.readouterr().err
 
 
-def test_unreached_layer_is_a_logged_warning(
-    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path, out = tmp_path / "spare.pt", tmp_path / "out.pt"
+def _spare_bn_args(tmp_path: Path) -> list[str]:
+    path = tmp_path / "spare.pt"
     torch.save(cli_factories.make_model_with_spare_bn().state_dict(), path)
     model = f"{FACTORIES}:make_model_with_spare_bn"
-    assert _cli.main(recompute_args(path, out, model=model)) == 0
+    return recompute_args(path, tmp_path / "out.pt", model=model)
+
+
+@pytest.mark.filterwarnings("always")  # as a command line shows them; the tests' default: error
+def test_unreached_layer_is_a_logged_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    showwarning = warnings.showwarning
+    assert _cli.main(_spare_bn_args(tmp_path)) == 0
     err = capsys.readouterr().err
-    assert "precisebn: WARNING:" in err
-    assert "'spare'" in err
-    written = torch.load(out, weights_only=True)
+    [line] = [line for line in err.splitlines() if "'spare'" in line]
+    assert line.startswith("precisebn: WARNING: ")
+    assert "UserWarning" not in err  # the message alone, not where it was raised
+    assert ".py:" not in err
+    written = torch.load(tmp_path / "out.pt", weights_only=True)
     assert torch.equal(written["spare.running_var"], torch.ones(4))
+    # logging.captureWarnings is undone.
+    assert warnings.showwarning is showwarning
+    assert logging.getLogger("py.warnings").handlers == []
+
+
+@pytest.mark.filterwarnings("error")  # python -W error: warnings are errors
+def test_warning_as_error_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli.main(_spare_bn_args(tmp_path)) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("precisebn recompute: error: ")
+    assert "'spare'" in line
+    assert not (tmp_path / "out.pt").exists()
 
 
 def test_verbose_logs_and_restores_the_logger(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    logger = logging.getLogger("precisebn")
-    handlers, level = list(logger.handlers), logger.level
+    loggers = [logging.getLogger("precisebn"), logging.getLogger("py.warnings")]
+    before = [(list(each.handlers), each.level, each.propagate) for each in loggers]
     assert _cli.main([*recompute_args(checkpoint, tmp_path / "out.pt"), "-v"]) == 0
     assert "precisebn: INFO: recomputed 3 BatchNorm layers" in capsys.readouterr().err
-    assert (logger.handlers, logger.level) == (handlers, level)
+    assert [(list(each.handlers), each.level, each.propagate) for each in loggers] == before
 
 
 def test_explicit_progress_bar(
@@ -487,6 +507,10 @@ raise SystemExit(_cli.main(sys.argv[2:]))
 """
 
 
+TEMPORARY = r"\.out\.pt\.[a-z0-9_]{8}\.tmp"
+"""The name of the temporary file of ``--out out.pt`` (tempfile's random part)."""
+
+
 def files_in(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
@@ -541,7 +565,7 @@ def test_sigkill_while_writing_leaves_no_partial_output(checkpoint: Path, tmp_pa
     assert result.returncode == -signal.SIGKILL
     assert not out.exists()  # only the hidden temporary file remains, and a rerun works
     (left,) = (name for name in files_in(tmp_path) if name != "in.pt")
-    assert re.fullmatch(r"\.out\.pt\.[0-9a-f]{8}\.tmp", left)
+    assert re.fullmatch(TEMPORARY, left)
     result = run_cli(*recompute_args(checkpoint, out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     cli_factories.make_model().load_state_dict(torch.load(out, weights_only=True))
@@ -569,7 +593,7 @@ def test_failed_save_leaves_no_output(
     assert _cli.main([*recompute_args(checkpoint, out), *options]) == 1
     err = capsys.readouterr().err
     assert err == (
-        f"precisebn recompute: error: --out {out}: cannot write it: "
+        f"precisebn recompute: error: {out}: cannot write it: "
         "OSError: [Errno 28] No space left on device\n"
     )
     assert files_in(tmp_path) == (["in.pt", "out.pt"] if overwrite else ["in.pt"])
@@ -608,56 +632,9 @@ def test_output_appears_only_when_complete(
     ((names, old),) = seen
     assert old == (b"precious" if overwrite else None)
     (tmp,) = (name for name in names if name not in ("in.pt", "out.pt"))
-    assert re.fullmatch(r"\.out\.pt\.[0-9a-f]{8}\.tmp", tmp)
+    assert re.fullmatch(TEMPORARY, tmp)
     assert files_in(tmp_path) == ["in.pt", "out.pt"]
     cli_factories.make_model().load_state_dict(torch.load(out, weights_only=True))
-
-
-@pytest.mark.parametrize("hard_links", [True, False])
-def test_output_appearing_meanwhile_is_kept(
-    hard_links: bool,
-    checkpoint: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    one_thread: None,
-) -> None:
-    out = tmp_path / "out.pt"
-    save = torch.save
-
-    def racing(content: Any, file: BinaryIO) -> None:
-        out.write_bytes(b"precious")  # another process writes --out after the early check
-        save(content, file)
-
-    def no_link(source: Any, target: Any) -> None:
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(torch, "save", racing)
-    if not hard_links:
-        monkeypatch.setattr(os, "link", no_link)
-    assert _cli.main(recompute_args(checkpoint, out)) == 1
-    assert capsys.readouterr().err == (
-        f"precisebn recompute: error: --out {out} exists; choose another path or pass --overwrite\n"
-    )
-    assert out.read_bytes() == b"precious"
-    assert files_in(tmp_path) == ["in.pt", "out.pt"]
-
-
-def test_without_hard_links(
-    checkpoint: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    one_thread: None,
-) -> None:
-    def no_link(source: Any, target: Any) -> None:
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", no_link)
-    out = tmp_path / "out.pt"
-    assert _cli.main(recompute_args(checkpoint, out)) == 0
-    cli_factories.make_model().load_state_dict(torch.load(out, weights_only=True))
-    assert files_in(tmp_path) == ["in.pt", "out.pt"]
 
 
 @POSIX_SIGNALS
@@ -679,37 +656,48 @@ def test_signal_handlers_during_a_command(
     monkeypatch: pytest.MonkeyPatch,
     one_thread: None,
 ) -> None:
-    signals: list[int] = [signal.SIGINT, signal.SIGTERM]
-    before = {signum: signal.getsignal(signum) for signum in signals}
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     during: list[dict[int, Any]] = []
     library = _cli.recompute_bn_buffers
 
-    def spy(*args: Any, **kwargs: Any) -> precisebn.BNBuffers:
+    def spy(*args: Any, **kwargs: Any) -> Any:
         during.append({signum: signal.getsignal(signum) for signum in before})
         return library(*args, **kwargs)
 
     monkeypatch.setattr(_cli, "recompute_bn_buffers", spy)
     assert _cli.main(recompute_args(checkpoint, tmp_path / "out.pt")) == 0
-    for signum, handler in during[0].items():
-        if before[signum] in (signal.default_int_handler, signal.SIG_DFL):
-            assert getattr(handler, "__func__", None) is _cli._Run.on_signal
-        else:  # someone else's handler, or SIG_IGN: left alone
-            assert handler is before[signum]
+    # SIGINT keeps Python's handler (KeyboardInterrupt); SIGTERM raises only over the default.
+    assert during[0][signal.SIGINT] is before[signal.SIGINT]
+    if before[signal.SIGTERM] is signal.SIG_DFL:
+        assert during[0][signal.SIGTERM] is _cli._raise_terminated
+    else:  # someone else's handler, or SIG_IGN: left alone
+        assert during[0][signal.SIGTERM] is before[signal.SIGTERM]
     assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
-def test_a_signal_raises_once_and_not_during_the_commit() -> None:
-    run = _cli._Run()
-    with pytest.raises(KeyboardInterrupt):
-        run.on_signal(signal.SIGINT, None)
-    run.on_signal(signal.SIGTERM, None)  # a second signal lets the cleanup finish
-    run = _cli._Run()
-    with pytest.raises(_cli._Terminated):
-        run.on_signal(signal.SIGTERM, None)
-    run = _cli._Run()
-    run.committing = True  # the output is complete and moving into place: finish
-    run.on_signal(signal.SIGINT, None)
-    run.on_signal(signal.SIGTERM, None)
+def test_sigterm_raises_once() -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(_cli.Terminated):
+            _cli._raise_terminated(signal.SIGTERM, None)
+        # A second SIGTERM, while the first unwinds, must not cut the cleanup short.
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, _cli.Terminated])
+def test_interrupted_write_leaves_nothing(stop: type[BaseException], tmp_path: Path) -> None:
+    def interrupted(content: Any, file: BinaryIO) -> None:
+        file.write(b"partial")
+        raise stop
+
+    out = tmp_path / "out.pt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "save", interrupted)
+        with pytest.raises(stop):  # re-raised as it came, not as a CheckpointError
+            _checkpoint.write_checkpoint({"w": torch.ones(1)}, out)
+    assert files_in(tmp_path) == []
 
 
 def test_buffers_the_forward_writes_are_written_out_as_they_were(

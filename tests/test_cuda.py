@@ -22,16 +22,20 @@ def test_cuda_matches_reference_and_stays_on_device() -> None:
     assert_matches(new, pooled_inputs(model, [b.cuda() for b in batches]))
 
 
-def test_cuda_direct_batches_match_reference() -> None:
-    """Batches of a repeated shape run without interception on CUDA too (cuDNN's kernel)."""
+def test_cuda_recorder_loop_matches_reference_and_recompute() -> None:
+    """The recorder's update loop on CUDA (cuDNN's kernel) against the float64 reference."""
     torch.manual_seed(1)
     model = SmallCNN().cuda()
     batches = [torch.randn(16, 3, 16, 16, device="cuda") * 2 + 1 for _ in range(9)]
-    new = precisebn.recompute_bn_buffers(model, batches)
-    slow = precisebn.recompute_bn_buffers(model, batches, direct=False)
+    recorder = precisebn.recorder(model)
+    stats = recorder.init()
+    for batch in batches:
+        stats = recorder.update(stats, batch)
+    new = recorder.finalize(stats)
+    assert all(v.device.type == "cuda" for v in new.values())
     assert_matches(new, pooled_inputs(model, batches))
-    for key, value in new.items():
-        torch.testing.assert_close(value, slow[key], rtol=1e-5, atol=1e-6)
+    for key, value in precisebn.recompute_bn_buffers(model, batches).items():
+        torch.testing.assert_close(new[key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_no_sync_per_batch() -> None:
@@ -64,8 +68,10 @@ def test_recompute_loop_never_syncs() -> None:
         finally:  # lifted once the loader is exhausted, before the result is read back
             torch.cuda.set_sync_debug_mode("default")
 
-    new = precisebn.recompute_bn_buffers(model, guarded(), num_batches=len(batches) + 1)
-    assert new.num_batches == len(batches)
+    _, info = precisebn.recompute_bn_buffers(
+        model, guarded(), num_batches=len(batches) + 1, return_info=True
+    )
+    assert info.num_batches == len(batches)
 
 
 def test_cuda_nan_is_reported_after_a_loop_that_never_syncs() -> None:

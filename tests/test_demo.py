@@ -68,6 +68,10 @@ def test_json_structure(report: dict[str, Any]) -> None:
         }
         assert 0 < layer["shift_mean"] <= layer["shift_max"]
         assert 0 < layer["ratio_min"] <= layer["ratio_max"]
+        # The run's standard errors fill in the last two columns.
+        assert 0 < layer["rel_error"] < 0.2
+        assert layer["n_eff"] > 0
+    assert (report["settings"]["epochs"], report["settings"]["swa_epochs"]) == _demo.EPOCHS["quick"]
 
 
 def test_precise_beats_stale_on_swa_weights(report: dict[str, Any]) -> None:
@@ -112,7 +116,7 @@ def _result(**accuracy: float) -> _demo.DemoResult:
     scores = {name: _demo.Score(accuracy=0.95, loss=0.2) for name in _demo.ROWS}
     for name, value in accuracy.items():
         scores[name] = _demo.Score(accuracy=value, loss=0.2 + (0.95 - value))
-    return _demo.DemoResult(SEED, True, _demo.QUICK, scores, 1437, 360, 1.0)
+    return _demo.DemoResult(SEED, True, scores, 1437, 360, 1.0)
 
 
 def test_verdict_says_when_precise_bn_did_not_help() -> None:

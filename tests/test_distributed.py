@@ -93,13 +93,15 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def recompute(model: nn.Module, loader: Any, **kwargs: Any) -> Result:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        new = precisebn.recompute_bn_buffers(model, loader, forward=feed, **kwargs)
+        new, info = precisebn.recompute_bn_buffers(
+            model, loader, forward=feed, return_info=True, **kwargs
+        )
     return {
-        "buffers": dict(new),
-        "stderr": dict(new.stderr),
-        "converged": new.converged,
-        "num_batches": new.num_batches,
-        "num_samples": new.num_samples,
+        "buffers": new,
+        "stderr": info.stderr,
+        "converged": info.converged,
+        "num_batches": info.num_batches,
+        "num_samples": info.num_samples,
         "warnings": [str(w.message) for w in caught],
     }
 
@@ -215,24 +217,28 @@ def s_hand_loop(rank: int, world: int) -> Result:
 
 def s_tol(rank: int, world: int) -> Result:
     loader = Counted(rank)
-    new = precisebn.recompute_bn_buffers(tol_model(), loader, num_batches=5000, tol=3e-2)
+    new, info = precisebn.recompute_bn_buffers(
+        tol_model(), loader, num_batches=5000, tol=3e-2, return_info=True
+    )
     return {
-        "buffers": dict(new),
-        "converged": new.converged,
+        "buffers": new,
+        "converged": info.converged,
         "read": loader.read,
-        "num_batches": new.num_batches,
+        "num_batches": info.num_batches,
     }
 
 
 def s_tol_uneven(rank: int, world: int) -> Result:
     """Rank 0 runs out of batches long before the others have converged."""
     loader = Counted(rank, limit=20 if rank == 0 else None)
-    new = precisebn.recompute_bn_buffers(tol_model(), loader, num_batches=5000, tol=2e-2)
+    new, info = precisebn.recompute_bn_buffers(
+        tol_model(), loader, num_batches=5000, tol=2e-2, return_info=True
+    )
     return {
-        "buffers": dict(new),
-        "converged": new.converged,
+        "buffers": new,
+        "converged": info.converged,
         "read": loader.read,
-        "num_batches": new.num_batches,
+        "num_batches": info.num_batches,
     }
 
 
@@ -267,12 +273,15 @@ def s_many(rank: int, world: int) -> Result:
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         results = precisebn.recompute_bn_buffers_many(
-            [make_model(), second_model()], shard("unequal", rank, world), forward=feed
+            [make_model(), second_model()],
+            shard("unequal", rank, world),
+            forward=feed,
+            return_info=True,
         )
     return {
-        "buffers": [dict(r) for r in results],
-        "stderr": [dict(r.stderr) for r in results],
-        "num_batches": [r.num_batches for r in results],
+        "buffers": [new for new, _ in results],
+        "stderr": [info.stderr for _, info in results],
+        "num_batches": [info.num_batches for _, info in results],
     }
 
 
@@ -421,9 +430,14 @@ def test_standard_errors_match_the_single_process_union(
             )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        want = precisebn.recompute_bn_buffers(
-            make_model(), union("unequal", len(results)), forward=feed, layers=["bn", "bn1"]
-        ).stderr
+        _, info = precisebn.recompute_bn_buffers(
+            make_model(),
+            union("unequal", len(results)),
+            forward=feed,
+            layers=["bn", "bn1"],
+            return_info=True,
+        )
+    want = info.stderr
     got = {k: v for k, v in results[0]["stderr"].items() if k in want}
     assert_close_buffers(got, want, rtol=1e-9, atol=1e-12)
 

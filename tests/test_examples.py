@@ -45,8 +45,10 @@ def test_precise_buffers_match_the_library(
 ) -> None:
     model, params, ema = trained["model"], trained["params"], trained["ema_buffers"]
     loader = example["batches"](trained["train"], 32, seed=0)
-    expected = precisebn.recompute_bn_buffers(model, loader, params=params, buffers=ema)
-    assert expected.num_samples == len(trained["train"][1])
+    expected, info = precisebn.recompute_bn_buffers(
+        model, loader, params=params, buffers=ema, return_info=True
+    )
+    assert info.num_samples == len(trained["train"][1])
     precise = trained["precise_buffers"]
     # The same float64 statistics up to rounding (recompute pools batches in blocks, the
     # example's loop one at a time): at most a couple of float32 ulps apart.
@@ -81,7 +83,8 @@ def test_grad_and_value_through_capture_matches_eager_autograd(example: dict[str
     batch = (torch.randn(12, 1, 8, 8), torch.randint(0, 10, (12,)))
 
     grad_fn = torch.func.grad_and_value(
-        lambda p, b, x: example["loss_fn"](model.eval(), p, b, x), has_aux=True
+        lambda p, b, x: example["loss_fn"](precisebn.recorder(model.eval()), p, b, x),
+        has_aux=True,
     )
     grads, (loss, moments) = grad_fn(params, buffers, batch)
 

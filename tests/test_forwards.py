@@ -63,9 +63,8 @@ def writer_batches(n: int = 20) -> list[Tensor]:
     return [torch.randn(16, 6, generator=gen) * 3 + 2 for _ in range(n)]
 
 
-@pytest.mark.parametrize("direct", [True, False])
 def test_buffers_the_forward_writes_are_copied_and_the_rest_is_not(
-    direct: bool, caplog: pytest.LogCaptureFixture, direct_batches: list[int]
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     torch.manual_seed(0)
     model = Writers().train()
@@ -73,10 +72,9 @@ def test_buffers_the_forward_writes_are_copied_and_the_rest_is_not(
     plain_weight = model.b.weight  # the old spectral norm keeps a plain attribute
     batches = writer_batches()
     with caplog.at_level(logging.DEBUG, logger="precisebn"):
-        new = precisebn.recompute_bn_buffers(model, batches, direct=direct)
+        new = precisebn.recompute_bn_buffers(model, batches)
     assert_state_unchanged(before, model)
     assert model.b.weight is plain_weight
-    assert (len(direct_batches) > 0) == direct
     # The deep copy of the reference updates u, v and the counter batch after batch too.
     assert_matches(new, pooled_inputs(model, batches))
     (copied,) = [r.getMessage() for r in caplog.records if "copied on write" in r.getMessage()]
@@ -183,18 +181,15 @@ def qat_batches(n: int) -> list[Tensor]:
 
 
 @pytest.mark.parametrize("observers", [True, False])
-def test_qat_fused_conv_bn_is_exact_and_untouched(
-    observers: bool, direct_batches: list[int]
-) -> None:
+def test_qat_fused_conv_bn_is_exact_and_untouched(observers: bool) -> None:
     model = qat_model(observers=observers)
     assert type(model.conv).__name__ == "ConvBnReLU2d"
     before = state(model)
     batches = qat_batches(12)
     new = precisebn.recompute_bn_buffers(model, batches)
     assert_state_unchanged(before, model)
-    # The fused modules scale their weight by bn.running_var: every batch is intercepted,
-    # and the reference (momentum 0) reads the caller's buffers throughout, as precisebn does.
-    assert direct_batches == []
+    # The fused modules scale their weight by bn.running_var: the reference (momentum 0)
+    # reads the caller's buffers throughout, as precisebn does.
     assert_matches(new, pooled_inputs(model, batches))
 
 
@@ -263,17 +258,13 @@ def slim_batches(widths: list[int]) -> list[tuple[Tensor, int]]:
     return [(torch.randn(4, 3, 8, 8, generator=gen) * 2 + 1, w) for w in widths]
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_sliced_statistics_pool_each_channel_over_the_calls_that_covered_it(
-    direct: bool, direct_batches: list[int]
-) -> None:
+def test_sliced_statistics_pool_each_channel_over_the_calls_that_covered_it() -> None:
     torch.manual_seed(3)
     model = SlimNet().train()
     before = state(model)
     batches = slim_batches([8, 16, 12, 8, 16, 12, 8, 8, 12, 16, 8, 12, 8, 8])
-    new = precisebn.recompute_bn_buffers(model, batches, forward=slim_forward, direct=direct)
+    new = precisebn.recompute_bn_buffers(model, batches, forward=slim_forward)
     assert_state_unchanged(before, model)
-    assert (len(direct_batches) > 0) == direct
     mean, var = slim_reference(model, batches)
     got_mean, got_var = new["dbn.bn.running_mean"].double(), new["dbn.bn.running_var"].double()
     assert ((got_mean - mean).abs() / (mean.abs() + var.sqrt())).max() < 1e-6
@@ -461,32 +452,78 @@ class HiddenCrop(nn.Module):
 CROPPED: dict[int, bool] = {}
 
 
-def test_a_python_random_crop_keeps_every_batch_intercepted(direct_batches: list[int]) -> None:
+def test_a_python_random_crop_is_counted_from_the_inputs() -> None:
     model = PythonRandomCrop(rate=0.05).train()
     batches = [torch.randn(4, 3, 8, 8) + 1 for _ in range(60)]
     random.seed(5)
     new = precisebn.recompute_bn_buffers(model, batches)
-    assert direct_batches == []
     random.seed(5)  # the reference draws the same crops, one forward per batch
     assert_matches(new, pooled_inputs(model, batches))
 
 
-def test_a_size_change_no_watch_sees_is_caught_and_the_run_restarts(
-    direct_batches: list[int],
-) -> None:
+@pytest.mark.parametrize("period", [100, 25, 4])
+def test_a_size_change_by_a_hidden_rule_is_counted_exactly(period: int) -> None:
     torch.manual_seed(6)
-    model = HiddenCrop(period=4).train()
+    model = HiddenCrop(period=period).train()
     batches = [torch.randn(4, 3, 8, 8) + 1 for _ in range(100)]
     CROPPED.clear()
-    CROPPED.update({b.data_ptr(): i % 4 == 3 for i, b in enumerate(batches)})
-    with pytest.warns(UserWarning, match=r"layer 'bn' saw 64 values per channel where earlier"):
-        new = precisebn.recompute_bn_buffers(model, batches)
-    assert 0 < len(direct_batches) < 100  # the first attempt ran some directly
-    assert_matches(new, pooled_inputs(model, batches))
-    with pytest.raises(RuntimeError, match=r"saw 64 values .* 256 .*direct=False"):
-        precisebn.recompute_bn_buffers(model, iter(batches))
-    slow = precisebn.recompute_bn_buffers(model, iter(batches), direct=False)
-    assert_matches(slow, pooled_inputs(model, batches))
+    CROPPED.update({b.data_ptr(): i % period == period - 1 for i, b in enumerate(batches)})
+    pooled = pooled_inputs(model, batches)
+    assert pooled["bn"].shape[1] == 4 * 64 * (100 - 100 // period) + 4 * 16 * (100 // period)
+    # Every batch is read, also from an iterator, which is read once.
+    assert_matches(precisebn.recompute_bn_buffers(model, batches), pooled)
+    assert_matches(precisebn.recompute_bn_buffers(model, iter(batches)), pooled)
+
+
+class MaskedBN(nn.Module):
+    """BatchNorm1d over the rows whose first feature is positive: sizes depend on values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(x[x[:, 0] > 0])
+
+
+def test_value_dependent_sizes_are_counted_exactly() -> None:
+    model = MaskedBN().train()
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.rand(16, 4, generator=gen) + 0.1 for _ in range(2)]
+    batches += [torch.randn(16, 4, generator=gen) for _ in range(6)]
+    new = precisebn.recompute_bn_buffers(model, batches)
+    rows = torch.cat([b[b[:, 0] > 0] for b in batches]).double()
+    torch.testing.assert_close(new["bn.running_mean"].double(), rows.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(new["bn.running_var"].double(), rows.var(0), rtol=1e-5, atol=0)
+
+
+class SkipsOnce(nn.Module):
+    """Skips its second BN layer on one call, decided by a Python counter, not by values."""
+
+    def __init__(self, skip_call: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm1d(3)
+        self.bn2 = nn.BatchNorm1d(3)
+        self.calls = 0
+        self.skip_call = skip_call
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        x = self.bn1(x)
+        return x if self.calls == self.skip_call else self.bn2(x)
+
+
+def test_a_layer_skipped_on_one_batch_pools_the_others() -> None:
+    model = SkipsOnce(skip_call=5).train()
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randn(10, 3, generator=gen) * 2 + 2 for _ in range(8)]
+    new = precisebn.recompute_bn_buffers(model, iter(batches))
+    assert model.calls == 0  # the forward's counter is an attribute: restored afterwards
+    reference = SkipsOnce(skip_call=5).train()
+    reference.load_state_dict(model.state_dict())
+    pooled = pooled_inputs(reference, batches)
+    assert pooled["bn2"].shape[1] == 7 * 10
+    assert_matches(new, pooled)
 
 
 class ReadsSometimes(nn.Module):
@@ -503,34 +540,22 @@ class ReadsSometimes(nn.Module):
         return self.bn(x)
 
 
-def test_a_read_first_seen_in_a_checked_batch_restarts_the_run() -> None:
+def test_a_read_of_the_statistics_sees_the_callers_values_on_every_batch() -> None:
     model = ReadsSometimes().train()
+    with torch.no_grad():
+        model.bn.running_var.fill_(3.0)
     batches = [torch.randn(8, 4) * 3 for _ in range(40)]
     model.reading = {b.data_ptr() for b in batches[10:]}
-    with pytest.warns(UserWarning, match=r"'bn''s running statistics were read outside"):
-        new = precisebn.recompute_bn_buffers(model, batches)
+    new = precisebn.recompute_bn_buffers(model, batches)
     assert_matches(new, pooled_inputs(model, batches))
+    assert torch.equal(model.bn.running_var, torch.full((4,), 3.0))
 
 
-def test_one_direct_batch_in_eight_is_checked(
-    direct_batches: list[int], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    checked: list[int] = []
-    original = precisebn._loop._direct_batch
-
-    def counting(*args: Any, index: int, check: bool, **kwargs: Any) -> None:
-        if check:
-            checked.append(index)
-        original(*args, index=index, check=check, **kwargs)
-
-    monkeypatch.setattr(precisebn._loop, "_direct_batch", counting)
+def test_a_run_draws_nothing_from_the_global_random_generators() -> None:
     model = SmallCNN().train()
-    batches = [torch.randn(4, 3, 8, 8) for _ in range(66)]
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(40)]
     state_before = (random.getstate(), torch.get_rng_state())
     new = precisebn.recompute_bn_buffers(model, batches)
-    # Two intercepted batches, then 64 direct ones: one in each window of 8 is checked.
-    assert len(direct_batches) == 64
-    assert [(i - 2) // 8 for i in checked] == list(range(8))
     assert_matches(new, pooled_inputs(model, batches))
     assert random.getstate() == state_before[0]
     assert torch.equal(torch.get_rng_state(), state_before[1])

@@ -119,7 +119,7 @@ def test_labels_and_unknown_keys_are_left_out() -> None:
         }
         for _ in range(3)
     ]
-    new = PreciseBNCallback().recompute(model, batches)
+    new, _ = PreciseBNCallback().recompute(model, batches)
     want = exact(model, batches)
     for key, value in want.items():
         assert torch.equal(new[key], value)
@@ -137,7 +137,7 @@ def test_dropout_is_off_during_the_recompute() -> None:
 
     model = Dropped().train()
     batches = [{"features": torch.randn(16, 4) + 2} for _ in range(4)]
-    new = PreciseBNCallback().recompute(model, batches)
+    new, _ = PreciseBNCallback().recompute(model, batches)
     values = torch.cat([b["features"] for b in batches]).double()
     torch.testing.assert_close(new["bn.running_var"].double(), values.var(dim=0), rtol=1e-5, atol=0)
     assert model.drop.training

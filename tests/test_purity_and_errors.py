@@ -119,9 +119,9 @@ def test_a_batch_of_one_sample_is_skipped_with_a_warning() -> None:
     before = snapshot(model)
     batches = [torch.randn(4, 6), torch.randn(5, 6), torch.randn(1, 6)]
     with pytest.warns(UserWarning, match=r"batch 2: BatchNorm layer '0' got 1 value per channel"):
-        new = precisebn.recompute_bn_buffers(model, batches)
+        new, info = precisebn.recompute_bn_buffers(model, batches, return_info=True)
     assert_same(before, snapshot(model))
-    assert (new.num_batches, new.num_samples) == (2, 9)
+    assert (info.num_batches, info.num_samples) == (2, 9)
     assert_matches(new, pooled_inputs(model, batches[:2]))
     with (
         pytest.warns(UserWarning, match="skipped"),
@@ -178,10 +178,10 @@ def test_dict_batch_says_so_first_and_shows_forward() -> None:
     assert "non-floating" not in str(info.value)
     example = "forward=lambda model, batch: model(batch['pixel_values'])"
     assert example in first_line
-    new = precisebn.recompute_bn_buffers(
-        model, [batch], forward=lambda model, batch: model(batch["pixel_values"])
+    _, run = precisebn.recompute_bn_buffers(
+        model, [batch], forward=lambda model, batch: model(batch["pixel_values"]), return_info=True
     )
-    assert new.num_batches == 1
+    assert run.num_batches == 1
     with pytest.raises(TypeError, match=r"model\(\*\*\{k: v for k, v in batch.items\(\)"):
         precisebn.recompute_bn_buffers(model, [{"a": torch.randn(4, 6), "b": torch.randn(4, 6)}])
     with pytest.raises(TypeError, match="batch of type int"):

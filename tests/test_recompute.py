@@ -22,10 +22,21 @@ def test_cnn_ragged_batches_match_reference(train: bool) -> None:
     torch.manual_seed(0)
     model = SmallCNN().train(train)
     batches = ragged((3, 12, 12), [16, 16, 16, 5], scale=2.0, offset=1.0)
-    new = precisebn.recompute_bn_buffers(model, batches)
+    new, info = precisebn.recompute_bn_buffers(model, batches, return_info=True)
     assert_matches(new, pooled_inputs(model, batches))
-    assert new.num_batches == 4
-    assert new.num_samples == 53
+    assert info.num_batches == 4
+    assert info.num_samples == 53
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 1.0, 0.0, None])
+def test_every_momentum_gives_the_same_exact_statistics(momentum: float | None) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN().train()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = momentum
+    batches = ragged((3, 10, 10), [8] * 10 + [3], scale=2.0, offset=1.0)
+    assert_matches(precisebn.recompute_bn_buffers(model, batches), pooled_inputs(model, batches))
 
 
 def test_result_keys_dtypes_and_fresh_storage() -> None:
@@ -53,8 +64,8 @@ def test_other_layer_kinds_match_reference() -> None:
 def test_num_batches_caps_the_run() -> None:
     model = tabular()
     batches = ragged((6,), [8] * 10)
-    new = precisebn.recompute_bn_buffers(model, batches, num_batches=3)
-    assert new.num_batches == 3
+    new, info = precisebn.recompute_bn_buffers(model, batches, num_batches=3, return_info=True)
+    assert info.num_batches == 3
     assert_matches(new, pooled_inputs(model, batches[:3]))
 
 
@@ -206,9 +217,11 @@ def test_list_input_in_first_place_is_one_argument() -> None:
 def test_dict_batches_with_custom_forward() -> None:
     model = tabular()
     batches = [{"x": t, "y": torch.zeros(len(t))} for t in ragged((6,), [7, 9])]
-    new = precisebn.recompute_bn_buffers(model, batches, forward=lambda m, b: m(b["x"]))
+    new, info = precisebn.recompute_bn_buffers(
+        model, batches, forward=lambda m, b: m(b["x"]), return_info=True
+    )
     assert_matches(new, pooled_inputs(model, batches, run=lambda m, b: m(b["x"])))
-    assert new.num_samples == 16
+    assert info.num_samples == 16
 
 
 def test_generator_loader_and_lazy_layer_after_first_call() -> None:
@@ -226,8 +239,8 @@ def test_many_batches_span_several_pooled_blocks() -> None:
     sizes = [3 + (i * 7) % 5 for i in range(37)]
     batches = ragged((3, 6, 6), sizes, scale=3.0, offset=-4.0)
     with pytest.warns(UserWarning, match="'unused'"):
-        new = precisebn.recompute_bn_buffers(model, batches)
-    assert new.num_batches == 37
+        new, info = precisebn.recompute_bn_buffers(model, batches, return_info=True)
+    assert info.num_batches == 37
     assert_matches(new, pooled_inputs(model, batches))
 
 

@@ -23,7 +23,7 @@ def buffers(**layers: tuple[list[float], list[float]]) -> dict[str, Tensor]:
     return out
 
 
-def old_and_new() -> tuple[dict[str, Tensor], precisebn.BNBuffers]:
+def old_and_new() -> tuple[dict[str, Tensor], dict[str, Tensor], precisebn.RunInfo]:
     """Two layers whose statistics moved, the new ones with standard errors and n_eff."""
     gen = torch.Generator().manual_seed(0)
     old, new = {}, {}
@@ -36,14 +36,16 @@ def old_and_new() -> tuple[dict[str, Tensor], precisebn.BNBuffers]:
     stderr = {
         key: torch.rand(v.shape, generator=gen, dtype=torch.float64) for key, v in new.items()
     }
-    result = precisebn.BNBuffers(
-        new, num_batches=4, num_samples=64, stderr=stderr, n_eff={"conv.bn": 1234.5, "head": 60.0}
-    )
-    return old, result
+    info = precisebn.RunInfo(4, 64, None, stderr, {"conv.bn": 1234.5, "head": 60.0})
+    return old, new, info
 
 
 def by_hand(
-    old: dict[str, Tensor], new: dict[str, Tensor], layer: str, eps: float
+    old: dict[str, Tensor],
+    new: dict[str, Tensor],
+    layer: str,
+    eps: float,
+    info: precisebn.RunInfo | None = None,
 ) -> dict[str, float]:
     """The figures of one layer, computed independently in float64 channel by channel."""
     om, ov = (old[f"{layer}.{stat}"].double().tolist() for stat in ("running_mean", "running_var"))
@@ -56,7 +58,7 @@ def by_hand(
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
     }
-    stderr = getattr(new, "stderr", {})
+    stderr = info.stderr if info is not None else {}
     if stderr:
         sm = stderr[f"{layer}.running_mean"].tolist()
         sv = stderr[f"{layer}.running_var"].tolist()
@@ -75,13 +77,13 @@ def table_rows(text: str) -> list[str]:
 
 
 def test_figures_match_a_computation_by_hand() -> None:
-    old, new = old_and_new()
-    rep = precisebn.report(old, new, eps=1e-3)
+    old, new, info = old_and_new()
+    rep = precisebn.report(old, new, info=info, eps=1e-3)
     assert isinstance(rep, Report)
     assert [row.layer for row in rep] == ["conv.bn", "head"]
     assert [row.channels for row in rep] == [5, 3]
     for row in rep:
-        wanted = by_hand(old, new, row.layer, eps=1e-3)
+        wanted = by_hand(old, new, row.layer, eps=1e-3, info=info)
         got = {name: getattr(row, name) for name in wanted}
         assert got == pytest.approx(wanted, rel=1e-12)
         assert row.score == pytest.approx(
@@ -93,7 +95,7 @@ def test_figures_match_a_computation_by_hand() -> None:
 
 
 def test_float64_on_the_cpu_whatever_the_input_dtype() -> None:
-    old, new = old_and_new()
+    old, new, _ = old_and_new()
     half = {k: v.half() for k, v in old.items()}
     rep = precisebn.report(half, new)
     for row in rep:
@@ -103,20 +105,20 @@ def test_float64_on_the_cpu_whatever_the_input_dtype() -> None:
         assert isinstance(row.shift_max, float)
 
 
-def test_plain_dicts_have_no_errors() -> None:
-    old, new = old_and_new()
-    rep = precisebn.report(old, dict(new))
+def test_without_info_there_are_no_errors() -> None:
+    old, new, _ = old_and_new()
+    rep = precisebn.report(old, new)
     assert [(row.rel_error, row.n_eff) for row in rep] == [(None, None)] * 2
     for line in table_rows(str(rep)):
         assert line.split()[6:8] == ["-", "-"]
-    # A result without estimates (empty dicts) reads the same.
-    bare = precisebn.BNBuffers(dict(new), num_batches=4, num_samples=64)
-    assert precisebn.report(old, bare) == rep
+    # An info without estimates (empty dicts) reads the same.
+    bare = precisebn.RunInfo(4, 64, None, {}, {})
+    assert precisebn.report(old, new, info=bare) == rep
 
 
 def test_errors_and_n_eff_are_formatted() -> None:
-    old, new = old_and_new()
-    rep = precisebn.report(old, new)
+    old, new, info = old_and_new()
+    rep = precisebn.report(old, new, info=info)
     for line, row in zip(table_rows(str(rep)), rep, strict=True):
         assert row.rel_error is not None
         assert line.split()[6:8] == [f"{row.rel_error:.1e}", f"{row.n_eff:.1e}"]
@@ -126,13 +128,13 @@ def test_errors_and_n_eff_are_formatted() -> None:
 
 
 def test_eps_a_float_or_a_mapping() -> None:
-    old, new = old_and_new()
-    one = precisebn.report(old, new, eps=0.1)
-    mapped = precisebn.report(old, new, eps={"conv.bn": 0.1, "head": 0.1})
+    old, new, info = old_and_new()
+    one = precisebn.report(old, new, info=info, eps=0.1)
+    mapped = precisebn.report(old, new, info=info, eps={"conv.bn": 0.1, "head": 0.1})
     assert one == mapped
-    partly = precisebn.report(old, new, eps={"conv.bn": 0.1})  # head gets 1e-5
+    partly = precisebn.report(old, new, info=info, eps={"conv.bn": 0.1})  # head gets 1e-5
     assert partly[0] == one[0]
-    assert partly[1] == precisebn.report(old, new)[1]
+    assert partly[1] == precisebn.report(old, new, info=info)[1]
     assert partly[1].shift_max == pytest.approx(by_hand(old, new, "head", 1e-5)["shift_max"])
     assert partly[1] != one[1]
 
@@ -145,21 +147,21 @@ def test_eps_of_a_model() -> None:
 
 
 def test_missing_layer_is_a_key_error() -> None:
-    old, new = old_and_new()
+    old, new, _ = old_and_new()
     del old["head.running_var"]
     with pytest.raises(KeyError, match=r"'head'.*head\.running_var"):
         precisebn.report(old, new)
 
 
 def test_shape_mismatch_is_a_value_error() -> None:
-    old, new = old_and_new()
+    old, new, _ = old_and_new()
     old["head.running_mean"] = torch.zeros(4)
     with pytest.raises(ValueError, match=r"head\.running_mean.*\(4,\).*\(3,\)"):
         precisebn.report(old, new)
 
 
 def test_extra_old_keys_and_layer_order() -> None:
-    old, new = old_and_new()
+    old, new, _ = old_and_new()
     old["other.running_mean"] = torch.zeros(2)
     reordered = {k: new[k] for k in sorted(new, reverse=True)}
     assert [row.layer for row in precisebn.report(old, reordered)] == ["head", "conv.bn"]
@@ -174,8 +176,8 @@ def test_a_model_that_is_a_bn_layer() -> None:
 
 
 def test_to_dict_is_plain_and_matches_the_rows() -> None:
-    old, new = old_and_new()
-    for rep in (precisebn.report(old, new), precisebn.report(old, dict(new))):
+    old, new, info = old_and_new()
+    for rep in (precisebn.report(old, new, info=info), precisebn.report(old, new)):
         plain = rep.to_dict()
         assert json.loads(json.dumps(plain)) == plain
         assert list(plain) == [row.layer for row in rep]
@@ -223,21 +225,15 @@ def test_default_number_flagged(layers: int, flagged: int) -> None:
 
 
 def test_table_is_aligned() -> None:
-    old, new = old_and_new()
+    old, new, info = old_and_new()
     old["a.much.longer.layer.name.running_mean"] = torch.full((300,), 1e6)
     old["a.much.longer.layer.name.running_var"] = torch.full((300,), 1e9)
-    new = precisebn.BNBuffers(
-        {
-            **new,
-            "a.much.longer.layer.name.running_mean": torch.zeros(300),
-            "a.much.longer.layer.name.running_var": torch.full((300,), 1e-3),
-        },
-        num_batches=4,
-        num_samples=64,
-        stderr=new.stderr,
-        n_eff=new.n_eff,
-    )
-    text = str(precisebn.report(old, new, top=1))
+    new = {
+        **new,
+        "a.much.longer.layer.name.running_mean": torch.zeros(300),
+        "a.much.longer.layer.name.running_var": torch.full((300,), 1e-3),
+    }
+    text = str(precisebn.report(old, new, info=info, top=1))
     lines = text.splitlines()
     header, rule, rows = lines[0], lines[1], table_rows(text)
     assert len(rows) == 3
@@ -262,7 +258,7 @@ def test_empty_report() -> None:
 
 
 def test_report_is_a_sequence_of_rows() -> None:
-    old, new = old_and_new()
+    old, new, _ = old_and_new()
     rep = precisebn.report(old, new)
     assert isinstance(rep[0], LayerMove)
     assert rep[-1].layer == "head"

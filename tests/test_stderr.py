@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import precisebn
 from precisebn._moments import Moments
-from precisebn._stderr import MIN_BATCHES, evaluate, merge_spread, recenter, terms
+from precisebn._stderr import MIN_BATCHES, accumulate, evaluate, recenter, terms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,35 +77,36 @@ def assert_errors_match(got: dict[str, Tensor], want: dict[str, Tensor], rtol: f
         )
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct", "intercepted"])
 @pytest.mark.parametrize("reuse", [False, True], ids=["plain", "reused-layer"])
-def test_errors_match_a_float64_reference(direct: bool, reuse: bool) -> None:
+def test_errors_match_a_float64_reference(reuse: bool) -> None:
     torch.manual_seed(0)
     model = Net(reuse=reuse)
     data = batches(40, seed=1, sizes=(8, 8, 5))  # unequal batches, more than two blocks
-    new = precisebn.recompute_bn_buffers(model, data, direct=direct)
-    assert set(new.stderr) == set(new)
-    for key, value in new.stderr.items():
+    new, info = precisebn.recompute_bn_buffers(model, data, return_info=True)
+    assert set(info.stderr) == set(new)
+    for key, value in info.stderr.items():
         assert value.shape == new[key].shape
         assert value.dtype == torch.float64
-    assert_errors_match(new.stderr, reference_errors(model, data), rtol=2e-4)
+    assert_errors_match(info.stderr, reference_errors(model, data), rtol=2e-4)
 
 
 def test_errors_of_a_float64_model_are_exact_to_float64_rounding() -> None:
     torch.manual_seed(0)
     model = Net().double()
     data = [b.double() for b in batches(37, seed=2, sizes=(8, 3))]
-    new = precisebn.recompute_bn_buffers(model, data)
-    assert_errors_match(new.stderr, reference_errors(model, data), rtol=1e-9)
+    _new, info = precisebn.recompute_bn_buffers(model, data, return_info=True)
+    assert_errors_match(info.stderr, reference_errors(model, data), rtol=1e-9)
 
 
 def test_one_batch_has_no_error_estimate_and_cannot_converge() -> None:
     model = Net()
-    new = precisebn.recompute_bn_buffers(model, batches(1, seed=3))
-    assert all(torch.isinf(v).all() for v in new.stderr.values())
+    _, info = precisebn.recompute_bn_buffers(model, batches(1, seed=3), return_info=True)
+    assert all(torch.isinf(v).all() for v in info.stderr.values())
     with pytest.warns(UserWarning, match="tol=0.5 was not reached: it used 1 batch"):
-        new = precisebn.recompute_bn_buffers(model, batches(1, seed=3), tol=0.5)
-    assert new.converged is False
+        _new, info = precisebn.recompute_bn_buffers(
+            model, batches(1, seed=3), tol=0.5, return_info=True
+        )
+    assert info.converged is False
 
 
 def test_a_constant_channel_is_known_exactly() -> None:
@@ -113,10 +114,10 @@ def test_a_constant_channel_is_known_exactly() -> None:
     with torch.no_grad():
         model[0].weight[1] = 0.0  # channel 1 is the bias, whatever the input
     data = [torch.randn(32, 4) for _ in range(MIN_BATCHES)]
-    new = precisebn.recompute_bn_buffers(model, data, tol=0.5)
-    assert new.stderr["1.running_var"][1].item() == 0.0
-    assert new.stderr["1.running_mean"][1].item() == 0.0
-    assert new.converged is True
+    _new, info = precisebn.recompute_bn_buffers(model, data, tol=0.5, return_info=True)
+    assert info.stderr["1.running_var"][1].item() == 0.0
+    assert info.stderr["1.running_mean"][1].item() == 0.0
+    assert info.converged is True
 
 
 # --------------------------------------------------------------------- calibration
@@ -158,12 +159,14 @@ def test_calibrated_on_iid_data_with_a_known_population() -> None:
     gen = torch.Generator().manual_seed(1)
     mean_err, var_err, mean_se, var_se, n_eff = [], [], [], [], []
     for _ in range(150):
-        new = precisebn.recompute_bn_buffers(case.model, [case.batch(64, gen) for _ in range(20)])
+        new, info = precisebn.recompute_bn_buffers(
+            case.model, [case.batch(64, gen) for _ in range(20)], return_info=True
+        )
         mean_err.append(new["1.running_mean"].double() - case.mean)
         var_err.append(new["1.running_var"].double() - case.var)
-        mean_se.append(new.stderr["1.running_mean"])
-        var_se.append(new.stderr["1.running_var"])
-        n_eff.append(new.n_eff["1"])
+        mean_se.append(info.stderr["1.running_mean"])
+        var_se.append(info.stderr["1.running_var"])
+        n_eff.append(info.n_eff["1"])
     assert 0.90 <= coverage(mean_err, mean_se) <= 0.98
     assert 0.90 <= coverage(var_err, var_se) <= 0.98
     # Independent values: about one effective value per value (20 batches of 64).
@@ -187,14 +190,14 @@ def test_calibrated_on_spatially_correlated_data() -> None:
     true_mean, true_var = long.mean(dim=1), long.var(dim=1)
     mean_err, var_err, mean_se, var_se, n_eff = [], [], [], [], []
     for _ in range(100):
-        new = precisebn.recompute_bn_buffers(
-            model, [smooth_fields(16, gen).float() for _ in range(20)]
+        new, info = precisebn.recompute_bn_buffers(
+            model, [smooth_fields(16, gen).float() for _ in range(20)], return_info=True
         )
         mean_err.append(new["1.running_mean"].double() - true_mean)
         var_err.append(new["1.running_var"].double() - true_var)
-        mean_se.append(new.stderr["1.running_mean"])
-        var_se.append(new.stderr["1.running_var"])
-        n_eff.append(new.n_eff["1"])
+        mean_se.append(info.stderr["1.running_mean"])
+        var_se.append(info.stderr["1.running_var"])
+        n_eff.append(info.n_eff["1"])
     assert 0.90 <= coverage(mean_err, mean_se) <= 0.98
     assert 0.90 <= coverage(var_err, var_se) <= 0.98
     values = 20 * 16 * 10 * 10  # batches times images times positions
@@ -209,19 +212,19 @@ def test_tol_stops_early_with_the_promised_precision() -> None:
     tol = 1e-2
     within, used = [], []
     for seed in range(4):
-        new = precisebn.recompute_bn_buffers(
-            case.model, case.endless(256, seed=seed), num_batches=2000, tol=tol
+        new, info = precisebn.recompute_bn_buffers(
+            case.model, case.endless(256, seed=seed), num_batches=2000, tol=tol, return_info=True
         )
-        assert new.converged is True
-        assert new.num_batches % 16 == 0
-        assert new.num_batches < 2000
-        used.append(new.num_batches)
+        assert info.converged is True
+        assert info.num_batches % 16 == 0
+        assert info.num_batches < 2000
+        used.append(info.num_batches)
         rel_mean = (new["1.running_mean"].double() - case.mean).abs() / case.var.sqrt()
         rel_var = (new["1.running_var"].double() - case.var).abs() / case.var
         within.append(torch.maximum(rel_mean, rel_var) <= 2.5 * tol)
         rel = torch.maximum(
-            new.stderr["1.running_mean"] / new["1.running_var"].double().sqrt(),
-            new.stderr["1.running_var"] / new["1.running_var"].double(),
+            info.stderr["1.running_mean"] / new["1.running_var"].double().sqrt(),
+            info.stderr["1.running_var"] / new["1.running_var"].double(),
         )
         assert rel.max().item() <= tol
     assert torch.cat(within).double().mean().item() >= 0.95
@@ -232,29 +235,31 @@ def test_tol_stops_early_with_the_promised_precision() -> None:
 def test_tol_out_of_reach_runs_to_the_cap_and_warns() -> None:
     case = Gaussian()
     with pytest.warns(UserWarning, match=r"tol=0.0001 was not reached: after 40 batches") as rec:
-        new = precisebn.recompute_bn_buffers(
-            case.model, case.endless(64, seed=0), num_batches=40, tol=1e-4
+        _new, info = precisebn.recompute_bn_buffers(
+            case.model, case.endless(64, seed=0), num_batches=40, tol=1e-4, return_info=True
         )
     assert "of layer '1'" in str(rec[0].message)
     assert "batches would reach it" in str(rec[0].message)
-    assert new.converged is False
-    assert new.num_batches == 40
+    assert info.converged is False
+    assert info.num_batches == 40
 
 
 def test_tol_stops_at_a_pooling_point_on_a_list_too() -> None:
     case = Gaussian()
     gen = torch.Generator().manual_seed(0)
     data = [case.batch(512, gen) for _ in range(100)]
-    new = precisebn.recompute_bn_buffers(case.model, data, tol=0.05)
-    assert new.converged is True
-    assert new.num_batches == MIN_BATCHES
-    whole = precisebn.recompute_bn_buffers(case.model, data)
-    assert whole.converged is None
-    assert whole.num_batches == 100
-    first = precisebn.recompute_bn_buffers(case.model, data[:MIN_BATCHES])
+    new, info = precisebn.recompute_bn_buffers(case.model, data, tol=0.05, return_info=True)
+    assert info.converged is True
+    assert info.num_batches == MIN_BATCHES
+    _whole, whole_info = precisebn.recompute_bn_buffers(case.model, data, return_info=True)
+    assert whole_info.converged is None
+    assert whole_info.num_batches == 100
+    first, first_info = precisebn.recompute_bn_buffers(
+        case.model, data[:MIN_BATCHES], return_info=True
+    )
     for key in new:  # the early result is exactly the result of its batches
         assert torch.equal(new[key], first[key])
-        assert torch.equal(new.stderr[key], first.stderr[key])
+        assert torch.equal(info.stderr[key], first_info.stderr[key])
 
 
 @pytest.mark.parametrize("tol", [0, -1.0, math.nan, math.inf, True, "0.1"])
@@ -263,25 +268,19 @@ def test_bad_tol_is_rejected(tol: Any) -> None:
         precisebn.recompute_bn_buffers(Net(), batches(2, seed=0), tol=tol)
 
 
-def test_errors_travel_with_copies_and_pytree_maps() -> None:
+def test_the_info_is_a_pytree_of_the_run() -> None:
     case = Gaussian()
     gen = torch.Generator().manual_seed(0)
-    new = precisebn.recompute_bn_buffers(
-        case.model, [case.batch(64, gen) for _ in range(MIN_BATCHES)], tol=0.5
+    new, info = precisebn.recompute_bn_buffers(
+        case.model, [case.batch(64, gen) for _ in range(MIN_BATCHES)], tol=0.5, return_info=True
     )
-    for other in (
-        optree.tree_map(lambda t: t * 1, new),
-        torch.utils._pytree.tree_map(lambda t: t * 1, new),
-    ):
-        assert other.converged is True
-        assert other.n_eff == new.n_eff
-        assert other.stderr.keys() == new.stderr.keys()
-    import copy
-
-    deep = copy.deepcopy(new)
-    assert deep.converged is True
-    assert deep.stderr["1.running_var"] is not new.stderr["1.running_var"]
-    assert torch.equal(deep.stderr["1.running_var"], new.stderr["1.running_var"])
+    doubled = optree.tree_map(lambda t: t * 2 if isinstance(t, Tensor) else t, (new, info))
+    assert type(doubled[0]) is dict
+    assert isinstance(doubled[1], precisebn.RunInfo)
+    assert doubled[1].converged is True
+    assert doubled[1].n_eff == info.n_eff
+    assert torch.equal(doubled[1].stderr["1.running_var"], 2 * info.stderr["1.running_var"])
+    assert torch.equal(doubled[0]["1.running_var"], 2 * new["1.running_var"])
 
 
 # ------------------------------------------------------------------------ the sums
@@ -316,7 +315,7 @@ def _fold(moments: list[Moments]) -> tuple[Moments, Any]:
     spread = terms(moments[0], moments[0].mean)
     for m in moments[1:]:
         total = precisebn.merge({"l": total}, {"l": m})["l"]
-        spread = merge_spread(spread, terms(m, moments[0].mean))
+        spread = accumulate(spread, terms(m, moments[0].mean))
     return total, spread
 
 
@@ -330,7 +329,7 @@ def test_the_sums_merge_associatively(run: tuple[list[Moments], list[int]]) -> N
     merged_m, merged_s = parts[-1]  # merged right to left, each part about its own center
     for m, s in reversed(parts[:-1]):
         merged_m = precisebn.merge({"l": m}, {"l": merged_m})["l"]
-        merged_s = merge_spread(s, merged_s)
+        merged_s = accumulate(s, merged_s)
     want, got = evaluate(whole_m, whole_s), evaluate(merged_m, merged_s)
     moved = evaluate(whole_m, recenter(whole_s, whole_s.center + 1.0))
     for a, b, c in zip(want, got, moved, strict=True):
@@ -356,8 +355,8 @@ def test_the_sums_merge_associatively(run: tuple[list[Moments], list[int]]) -> N
 def test_no_warning_without_tol() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        new = precisebn.recompute_bn_buffers(Net(), batches(3, seed=0))
-    assert new.converged is None
+        _new, info = precisebn.recompute_bn_buffers(Net(), batches(3, seed=0), return_info=True)
+    assert info.converged is None
 
 
 class Slimmable(nn.Module):
@@ -388,8 +387,8 @@ def test_channels_first_reached_late_keep_exact_errors_far_from_zero() -> None:
         (torch.randn(32, 4, dtype=torch.float64, generator=gen) + 1e4, 2 if i < 20 else 4)
         for i in range(40)
     ]
-    new = precisebn.recompute_bn_buffers(
-        Slimmable().double(), data, forward=lambda model, batch: model(batch)
+    _new, info = precisebn.recompute_bn_buffers(
+        Slimmable().double(), data, forward=lambda model, batch: model(batch), return_info=True
     )
     for channel in range(4):
         chunks = [x[:, channel] for x, c in data if channel < c]
@@ -401,6 +400,6 @@ def test_channels_first_reached_late_keep_exact_errors_far_from_zero() -> None:
         z = torch.stack([(c - mu).square().sum() - r * c.numel() for c in chunks])
         want_mean = (factor * y.square().sum()).sqrt() / n
         want_var = (factor * z.square().sum()).sqrt() / n * n / (n - 1)
-        got = new.stderr["bn.running_mean"][channel], new.stderr["bn.running_var"][channel]
+        got = info.stderr["bn.running_mean"][channel], info.stderr["bn.running_var"][channel]
         torch.testing.assert_close(got[0], want_mean, rtol=1e-9, atol=0)
         torch.testing.assert_close(got[1], want_var, rtol=1e-9, atol=0)

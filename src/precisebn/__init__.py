@@ -3,10 +3,9 @@
 import logging as _logging
 
 from precisebn._batches import Forward as Forward
-from precisebn._buffers import BNBuffers as BNBuffers
+from precisebn._buffers import RunInfo as RunInfo
 from precisebn._buffers import apply_bn_buffers as apply_bn_buffers
 from precisebn._buffers import bn_buffers as bn_buffers
-from precisebn._capture import capture as capture
 from precisebn._distributed import all_reduce_stats as all_reduce_stats
 from precisebn._layers import LayerSelector as LayerSelector
 from precisebn._moments import Moments as Moments
@@ -16,14 +15,18 @@ from precisebn._moments import init as init
 from precisebn._moments import merge as merge
 from precisebn._recompute import recompute_bn_buffers as recompute_bn_buffers
 from precisebn._recompute import recompute_bn_buffers_many as recompute_bn_buffers_many
-from precisebn._recompute import update as update
+from precisebn._recorder import Recorder as Recorder
+from precisebn._recorder import capture as capture
+from precisebn._recorder import recorder as recorder
+from precisebn._recorder import update as update
 from precisebn._report import report as report
 
 __all__ = [
-    "BNBuffers",
     "Forward",
     "LayerSelector",
     "Moments",
+    "Recorder",
+    "RunInfo",
     "Stats",
     "all_reduce_stats",
     "apply_bn_buffers",
@@ -34,6 +37,7 @@ __all__ = [
     "merge",
     "recompute_bn_buffers",
     "recompute_bn_buffers_many",
+    "recorder",
     "report",
     "update",
 ]

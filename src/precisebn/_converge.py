@@ -24,7 +24,7 @@ from precisebn._stderr import MIN_BATCHES, Spreads, evaluate, relative_errors
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-    from precisebn._fold import BlockFold
+    from precisebn._fold import Fold
 
 __all__ = [
     "Progress",
@@ -92,7 +92,7 @@ def reached(found: Worst | None, *, used: int, tol: float) -> bool:
     return used >= MIN_BATCHES and found is not None and found.error <= tol
 
 
-Progress = tuple["BlockFold", int, int]
+Progress = tuple["Fold", int, int]
 """One model of a pass: its fold, and the batches and samples it folded so far."""
 
 

@@ -19,8 +19,7 @@ import copy
 import importlib
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,63 +39,33 @@ ROWS: dict[str, str] = {
 }
 """The scored models: JSON name -> table label, in table order."""
 
+# How the demo trains. The first three make the running statistics stale.
+BATCH_SIZE = 16  # small, so batch statistics are noisy
+LR = 0.3  # SGD, constant and high, so the weights keep moving
+BN_MOMENTUM = 0.5  # high, so the EMA remembers only the last batches
+WEIGHT_DECAY = 5e-4
+STATS_BATCH = 256  # batch size of the passes that recompute the statistics
+
+EPOCHS = {"full": (10, 10), "quick": (2, 4)}
+"""Epochs of plain training, then of the SWA phase (the weights are averaged after each)."""
+
 TEST_EVERY = 5
 """Image ``i`` of the dataset is a test image when ``i % TEST_EVERY == 0``: a fixed split."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How the demo trains.
-
-    Attributes:
-        epochs: epochs of plain training before averaging begins.
-        swa_epochs: epochs of the SWA phase; the weights are averaged after each.
-        batch_size: training batch size (small, so batch statistics are noisy).
-        lr: SGD learning rate, constant throughout (high, so the weights keep moving).
-        bn_momentum: BatchNorm momentum (high, so the EMA remembers only the last batches).
-        weight_decay: SGD weight decay.
-        stats_batch: batch size of the passes that recompute the statistics.
-    """
-
-    epochs: int
-    swa_epochs: int
-    batch_size: int = 16
-    lr: float = 0.3
-    bn_momentum: float = 0.5
-    weight_decay: float = 5e-4
-    stats_batch: int = 256
-
-
-FULL = Settings(epochs=10, swa_epochs=10)
-QUICK = Settings(epochs=2, swa_epochs=4)
-
-
-@dataclass(frozen=True)
-class Digits:
-    """The digits images ``[N, 1, 8, 8]``, standardised with the training set's mean and std."""
-
-    train_x: Tensor
-    train_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-
-
-@dataclass(frozen=True)
-class Score:
+class Score(NamedTuple):
     """Test accuracy (a fraction) and mean cross-entropy loss of one model."""
 
     accuracy: float
     loss: float
 
 
-@dataclass(frozen=True)
-class DemoResult:
+class DemoResult(NamedTuple):
     """What one demo run measured.
 
     Attributes:
         seed: the seed of the weight initialisation and the batch order.
-        quick: whether the reduced settings were used.
-        settings: the training settings.
+        quick: whether the reduced run was made.
         scores: one `Score` per name in `ROWS`.
         train_size: number of training images.
         test_size: number of test images.
@@ -106,16 +75,16 @@ class DemoResult:
 
     seed: int
     quick: bool
-    settings: Settings
     scores: dict[str, Score]
     train_size: int
     test_size: int
     seconds: float
-    report: Report = field(default_factory=Report)
+    report: Report = Report()
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: ``accuracy`` and ``loss`` map each row name to a float,
         ``report`` each BN layer of the SWA model to `Report.to_dict`'s figures."""
+        epochs, swa_epochs = EPOCHS["quick" if self.quick else "full"]
         return {
             "seed": self.seed,
             "quick": self.quick,
@@ -123,14 +92,25 @@ class DemoResult:
             "loss": {name: s.loss for name, s in self.scores.items()},
             "train_size": self.train_size,
             "test_size": self.test_size,
-            "settings": asdict(self.settings),
+            "settings": {
+                "epochs": epochs,
+                "swa_epochs": swa_epochs,
+                "batch_size": BATCH_SIZE,
+                "lr": LR,
+                "bn_momentum": BN_MOMENTUM,
+                "weight_decay": WEIGHT_DECAY,
+                "stats_batch": STATS_BATCH,
+            },
             "seconds": round(self.seconds, 3),
             "report": self.report.to_dict(),
         }
 
 
-def load_digits_split() -> Digits:
-    """scikit-learn's bundled digits, split by index (every fifth image is a test image).
+def load_digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's digits ``[N, 1, 8, 8]`` as ``(train_x, train_y, test_x, test_y)``.
+
+    Every fifth image is a test image; the images are standardised with the training
+    set's mean and standard deviation.
 
     Raises:
         ImportError: scikit-learn is not installed.
@@ -146,14 +126,9 @@ def load_digits_split() -> Digits:
     images = torch.as_tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8)
     labels = torch.as_tensor(bunch.target, dtype=torch.long)
     test = torch.arange(len(labels)) % TEST_EVERY == 0
-    train_x = images[~test]
-    mean, std = train_x.mean(), train_x.std()
-    return Digits(
-        train_x=(train_x - mean) / std,
-        train_y=labels[~test],
-        test_x=(images[test] - mean) / std,
-        test_y=labels[test],
-    )
+    mean, std = images[~test].mean(), images[~test].std()
+    images = (images - mean) / std
+    return images[~test], labels[~test], images[test], labels[test]
 
 
 def make_net(*, bn_momentum: float) -> nn.Sequential:
@@ -164,69 +139,61 @@ def make_net(*, bn_momentum: float) -> nn.Sequential:
         >>> net(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])
     """
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        return [conv, nn.BatchNorm2d(cout, momentum=bn_momentum), nn.ReLU()]
+
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1, bias=False),
-        nn.BatchNorm2d(16, momentum=bn_momentum),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, bias=False),
-        nn.BatchNorm2d(32, momentum=bn_momentum),
-        nn.ReLU(),
+        *block(1, 16),
+        *block(16, 32),
         nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1, bias=False),
-        nn.BatchNorm2d(64, momentum=bn_momentum),
-        nn.ReLU(),
+        *block(32, 64),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(64, 10),
     )
 
 
-def train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    digits: Digits,
-    *,
-    batch_size: int,
-    generator: torch.Generator,
-) -> None:
-    """One epoch of SGD over the training images, shuffled (the last partial batch is dropped)."""
-    model.train()
-    order = torch.randperm(len(digits.train_y), generator=generator)
-    for start in range(0, len(order) - batch_size + 1, batch_size):
-        index = order[start : start + batch_size]
-        loss = F.cross_entropy(model(digits.train_x[index]), digits.train_y[index])
-        optimizer.zero_grad()
-        torch.autograd.backward(loss)
-        optimizer.step()
+def train(
+    x: Tensor, y: Tensor, *, epochs: int, swa_epochs: int, seed: int
+) -> tuple[nn.Module, nn.Module]:
+    """SGD over shuffled batches (the last partial one dropped), then an SWA phase.
 
-
-def train(digits: Digits, settings: Settings, *, seed: int) -> tuple[nn.Module, AveragedModel]:
-    """Train the net, then run the SWA phase; return the final model and the averaged one."""
+    Returns the final model and the averaged one, whose buffers are those of the model
+    when averaging began (`AveragedModel` copies them then, and does not average them).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = make_net(bn_momentum=settings.bn_momentum)
+        model = make_net(bn_momentum=BN_MOMENTUM).train()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay
-    )
-    for _ in range(settings.epochs):
-        train_epoch(model, optimizer, digits, batch_size=settings.batch_size, generator=generator)
-    swa = AveragedModel(model)  # copies the buffers as they are now; they are not averaged
-    for _ in range(settings.swa_epochs):
-        train_epoch(model, optimizer, digits, batch_size=settings.batch_size, generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=WEIGHT_DECAY)
+
+    def epoch() -> None:
+        order = torch.randperm(len(y), generator=generator)
+        for index in torch.split(order[: len(order) - len(order) % BATCH_SIZE], BATCH_SIZE):
+            optimizer.zero_grad()
+            torch.autograd.backward(F.cross_entropy(model(x[index]), y[index]))
+            optimizer.step()
+
+    for _ in range(epochs):
+        epoch()
+    swa = AveragedModel(model)
+    for _ in range(swa_epochs):
+        epoch()
         swa.update_parameters(model)
-    return model, swa
+    return model, swa.module
 
 
 def evaluate(
-    model: nn.Module, digits: Digits, *, buffers: Mapping[str, Tensor] | None = None
+    model: nn.Module, x: Tensor, y: Tensor, *, buffers: Mapping[str, Tensor] | None = None
 ) -> Score:
-    """Score ``model`` in eval mode on the test images, with ``buffers`` in place of its own."""
+    """Score ``model`` in eval mode on ``(x, y)``, with ``buffers`` in place of its own."""
     model.eval()
     with torch.no_grad():
-        logits = torch.func.functional_call(model, dict(buffers or {}), (digits.test_x,))
-    accuracy = (logits.argmax(1) == digits.test_y).double().mean().item()
-    return Score(accuracy=accuracy, loss=F.cross_entropy(logits, digits.test_y).item())
+        logits = torch.func.functional_call(model, dict(buffers or {}), (x,))
+    accuracy = (logits.argmax(1) == y).double().mean().item()
+    return Score(accuracy=accuracy, loss=F.cross_entropy(logits, y).item())
 
 
 def run_demo(*, seed: int = 0, quick: bool = False) -> DemoResult:
@@ -236,64 +203,52 @@ def run_demo(*, seed: int = 0, quick: bool = False) -> DemoResult:
 
     Args:
         seed: seeds the weight initialisation and the batch order.
-        quick: use the reduced settings `QUICK` (a few seconds) instead of `FULL`.
+        quick: the reduced run of `EPOCHS` (a few seconds) instead of the full one.
 
     Raises:
         ImportError: scikit-learn is not installed.
     """
-    settings = QUICK if quick else FULL
-    digits = load_digits_split()
+    train_x, train_y, test_x, test_y = load_digits()
+    epochs, swa_epochs = EPOCHS["quick" if quick else "full"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # faster for a net this small, and the same sums on every machine
     try:
-        return _run(digits, settings, seed=seed, quick=quick)
+        start = time.perf_counter()
+        model, averaged = train(train_x, train_y, epochs=epochs, swa_epochs=swa_epochs, seed=seed)
+        loader = list(
+            zip(torch.split(train_x, STATS_BATCH), torch.split(train_y, STATS_BATCH), strict=True)
+        )
+        stale = {key: value.detach().clone() for key, value in bn_buffers(averaged).items()}
+        peer = copy.deepcopy(averaged)
+        update_bn(loader, peer)
+        precise = recompute_bn_buffers(model, loader, num_batches=len(loader))
+        swa_precise, info = recompute_bn_buffers(
+            averaged, loader, num_batches=len(loader), return_info=True
+        )
+        scores = {
+            "ema": evaluate(model, test_x, test_y),
+            "precise": evaluate(model, test_x, test_y, buffers=precise),
+            "swa_stale": evaluate(averaged, test_x, test_y),
+            "swa_precise": evaluate(averaged, test_x, test_y, buffers=swa_precise),
+            "swa_update_bn": evaluate(peer, test_x, test_y),
+        }
+        seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
-
-
-def _run(digits: Digits, settings: Settings, *, seed: int, quick: bool) -> DemoResult:
-    start = time.perf_counter()
-    model, swa = train(digits, settings, seed=seed)
-    loader = [
-        (digits.train_x[i : i + settings.stats_batch], digits.train_y[i : i + settings.stats_batch])
-        for i in range(0, len(digits.train_y), settings.stats_batch)
-    ]
-    averaged = swa.module
-    stale = {key: value.detach().clone() for key, value in bn_buffers(averaged).items()}
-    peer = copy.deepcopy(averaged)
-    update_bn(loader, peer)
-    swa_precise = recompute_bn_buffers(averaged, loader, num_batches=len(loader))
-    scores = {
-        "ema": evaluate(model, digits),
-        "precise": evaluate(
-            model, digits, buffers=recompute_bn_buffers(model, loader, num_batches=len(loader))
-        ),
-        "swa_stale": evaluate(averaged, digits),
-        "swa_precise": evaluate(averaged, digits, buffers=swa_precise),
-        "swa_update_bn": evaluate(peer, digits),
-    }
-    return DemoResult(
-        seed=seed,
-        quick=quick,
-        settings=settings,
-        scores=scores,
-        train_size=len(digits.train_y),
-        test_size=len(digits.test_y),
-        seconds=time.perf_counter() - start,
-        report=report(stale, swa_precise, eps=eps_by_layer(averaged)),
-    )
+    moved = report(stale, swa_precise, info=info, eps=eps_by_layer(averaged))
+    return DemoResult(seed, quick, scores, len(train_y), len(test_y), seconds, moved)
 
 
 def format_table(result: DemoResult) -> str:
     """The scores as an aligned text table, with a header saying what was run."""
-    s = result.settings
+    epochs, swa_epochs = EPOCHS["quick" if result.quick else "full"]
     width = max(map(len, ROWS.values()))
     lines = [
         f"precise BN on scikit-learn's digits: seed {result.seed}, "
         f"{'quick' if result.quick else 'full'} run, {result.seconds:.1f} s",
         f"{result.train_size} training / {result.test_size} test images; "
-        f"{s.epochs} epochs + {s.swa_epochs} SWA epochs, batch {s.batch_size}, "
-        f"lr {s.lr}, BN momentum {s.bn_momentum}",
+        f"{epochs} epochs + {swa_epochs} SWA epochs, batch {BATCH_SIZE}, "
+        f"lr {LR}, BN momentum {BN_MOMENTUM}",
         "",
         f"  {'model':<{width}}  {'accuracy':>9}  {'loss':>7}",
         f"  {'-' * width}  {'-' * 9}  {'-' * 7}",
@@ -310,8 +265,7 @@ def verdict(result: DemoResult) -> list[str]:
     Example:
         >>> scores = {n: Score(accuracy=0.9, loss=0.3) for n in ROWS}
         >>> scores["swa_precise"] = Score(accuracy=0.95, loss=0.2)
-        >>> r = DemoResult(0, True, QUICK, scores, 1437, 360, 1.0)
-        >>> line = verdict(r)[1]
+        >>> line = verdict(DemoResult(0, True, scores, 1437, 360, 1.0))[1]
         >>> line[: line.index(",")]
         'SWA weights: 95.00% precise vs 90.00% stale (+5.00 points)'
         >>> line.endswith("precise BN helps.")

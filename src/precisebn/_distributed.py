@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from precisebn._moments import Moments, Stats
+from precisebn._layout import Layout
+from precisebn._moments import Moments, Stats, joined, parted
 from precisebn._stderr import Spread, Spreads, recenter
 
 if TYPE_CHECKING:
@@ -173,51 +174,43 @@ def reduce_run(
     if not stats:  # the same on every rank: the layouts were checked
         return Reduced({}, {}, batches, samples, ranks_running, [])
     device = _comm_device(stats, group)
-    local = [Moments(*(t.to(device, _F64) for t in m)) for m in stats.values()]
+    layout = Layout.of({layer: m.mean for layer, m in stats.items()})
+    local = joined(
+        {layer: Moments(*(t.to(device, _F64) for t in m)) for layer, m in stats.items()}, layout
+    )
     # Counts per channel, and per layer a flag: whether some rank kept them per channel.
-    per_channel = [m.count.expand_as(m.mean) for m in local]
-    flags = [torch.ones(1, dtype=_F64, device=device) * (m.count.dim() > 0) for m in local]
+    vector = torch.tensor(
+        [float(m.count.dim() > 0) for m in stats.values()], dtype=_F64, device=device
+    )
     counts_per_model = torch.tensor(
         [float(x) for pair in models for x in pair], dtype=_F64, device=device
     )
-    first = torch.cat(
-        per_channel
-        + [n * m.mean for n, m in zip(per_channel, local, strict=True)]
-        + flags
-        + [counts_per_model]
-    )
+    first = torch.cat([local.count, local.count * local.mean, vector, counts_per_model])
     dist.all_reduce(first, group=group)
-    model_counts = first[len(first) - len(counts_per_model) :].long().tolist()
-    first = first[: len(first) - len(counts_per_model)]
-    channels = sum(m.mean.numel() for m in local)
-    counts = _split(first[:channels], local)
-    sums = _split(first[channels : 2 * channels], local)
-    vector = (first[2 * channels :] > 0).tolist()
-    means = [s / n.clamp_min(1.0) for s, n in zip(sums, counts, strict=True)]
-    deviations = [
-        m.m2 + n * (m.mean - mu).square()
-        for m, n, mu in zip(local, per_channel, means, strict=True)
-    ]
-    moved = []
+    channels = layout.channels
+    count, total = first[:channels], first[channels : 2 * channels]
+    per_channel = (first[2 * channels : 2 * channels + len(stats)] > 0).tolist()
+    model_counts = first[2 * channels + len(stats) :].long().tolist()
+    mean = total / count.clamp_min(1.0)
+    parts = [local.m2 + local.count * (local.mean - mean).square()]
     if spreads is not None:  # each rank's sums about the global mean, then summed
-        for layer, mu in zip(stats, means, strict=True):
-            local_spread = Spread(*(t.to(device, _F64) for t in spreads[layer]))
-            moved.append(torch.stack(recenter(local_spread, mu)[1:]))
-    second = torch.cat(deviations + [part.reshape(-1) for part in moved])
+        local_spread = Spread(
+            *(layout.join(spreads[layer][i].to(device, _F64) for layer in stats) for i in range(8))
+        )
+        parts.append(torch.stack(recenter(local_spread, mean)[1:]).reshape(-1))
+    second = torch.cat(parts)
     dist.all_reduce(second, group=group)
-    out: Stats = {}
-    parts = zip(stats.items(), counts, vector, means, _split(second[:channels], local), strict=True)
-    for (layer, m), n, is_vector, mu, m2 in parts:
-        where = m.mean.device
-        count = n if is_vector else n[0]
-        out[layer] = Moments(count.to(where), mu.to(where), m2.to(where))
+    reduced = parted(Moments(count, mean, second[:channels]), layout, per_channel=per_channel)
+    out: Stats = {
+        layer: Moments(*(t.to(m.mean.device) for t in reduced[layer])) for layer, m in stats.items()
+    }
     spread_out: Spreads = {}
     if spreads is not None:
-        sizes = [7 * m.mean.numel() for m in local]
-        flats = torch.split(second[channels:], sizes)
-        for (layer, m), mu, flat in zip(stats.items(), means, flats, strict=True):
+        sums = second[channels:].reshape(7, -1)
+        per_layer = [layout.split(row) for row in (mean, *sums)]
+        for i, (layer, m) in enumerate(stats.items()):
             where = m.mean.device
-            spread_out[layer] = Spread(mu.to(where), *flat.reshape(7, -1).to(where).unbind(0))
+            spread_out[layer] = Spread(*(rows[i].to(where) for rows in per_layer))
     pairs = list(zip(model_counts[::2], model_counts[1::2], strict=True))
     return Reduced(out, spread_out, batches, samples, ranks_running, pairs)
 
@@ -285,7 +278,3 @@ def _comm_device(stats: Stats, group: ProcessGroup) -> torch.device:
     if device.type == "cpu" and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _split(flat: Tensor, layers: list[Moments]) -> list[Tensor]:
-    return list(torch.split(flat, [m.mean.numel() for m in layers]))

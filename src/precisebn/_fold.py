@@ -1,158 +1,150 @@
-"""Folding a whole run's batches into the state, with next to no work per batch.
+"""Folding batches' moments into float64 sums per channel, a block of batches at a time.
 
-`recompute_bn_buffers` hands the intercepted BN calls a `BlockFold` as their sink. The
-recomputed layers' channels are laid end to end, and the BN kernels write each batch's
+A `Fold` is the sink of a run's intercepted BN calls. The recomputed layers' channels are
+laid end to end (`precisebn._layout.Layout`), and each call's kernel writes the batch's
 ``[mean; unbiased var]`` straight into row ``k`` of a ``[K, 2, C]`` block: no allocation,
-copy or merge per batch. Every ``K`` batches the block is added, in float64 and with a few
-vectorised reductions, to the run's sums per channel: the count, and the count-weighted
-deviations of the batch means and the sums of squared deviations, all taken about a fixed
-shift (the first rows' mean). The pooled mean and sum of squared deviations follow from
-them as from Chan et al.'s combination, up to float64 rounding. Counts are kept per
-channel, so a call over a slice of a layer's channels adds to those channels only. Calls
-that cannot use the block (a layer's second call in one batch, another dtype or device)
-are kept as records and merged per layer, exactly as `precisebn.update` does.
+copy or merge per batch. When the block is full (and at the end) it is added, in float64
+and with a few vectorised reductions, to the run's sums per channel: the count, and the
+count-weighted deviations of the batch means and the sums of squared deviations, all
+taken about a fixed shift per channel. The pooled mean and sum of squared deviations follow
+from them as from Chan et al.'s pairwise combination, up to float64 rounding. Counts are
+kept per channel, so a call over a slice of a layer's channels adds to those channels only.
+Calls that cannot use the block (a layer's second call in one batch, another dtype or
+device) are kept as their own moments and merged per layer with Chan's formulas.
 
-A direct batch (see `precisebn._direct`) arrives as the run's live ``[2, C]`` buffers,
-which hold each layer's update factor times its moments: they are copied into the batch's
-row, and the pooling divides that row by the factors in float64.
-
-Pooling also adds the sums behind the standard errors (`precisebn._stderr`): seven more
-float64 sums per channel, from the same rows, so the errors cost no work per batch. A
-batch in which a layer ran more than once counts as one draw of that layer: its calls are
-pooled before they enter those sums.
+With ``errors=True`` pooling also adds the sums behind the standard errors
+(`precisebn._stderr`): seven more float64 sums per channel, from the same rows, so the
+errors cost no work per batch. A batch in which a layer ran more than once counts as one
+draw of that layer: its calls are pooled before they enter those sums.
 
 Pooling also notes whether the sums are still finite, so that NaN or infinity is
 reported with the layers it reached and the block of batches where it first appeared, at
-the cost of three operations per block and one transfer at the end.
+the cost of one operation per block and one transfer at the end.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple, TypeAlias
 
 import torch
 from torch import Tensor
 
-from precisebn._capture import Record, collect
-from precisebn._layers import STAT_NAMES, buffer_key
-from precisebn._moments import Moments, Stats, from_batch, merge, merge_layer, nonfinite_message
+from precisebn._layout import Layout
+from precisebn._moments import (
+    Moments,
+    Stats,
+    from_batch,
+    joined,
+    merge,
+    merge_layer,
+    nonfinite_message,
+    parted,
+)
 from precisebn._stderr import Spread, Spreads, accumulate, terms
-from precisebn._tags import Call, Entry
+from precisebn._tags import Call
 
-ERRORS = True
-"""Whether pooling adds the standard-error sums; ``False`` only to measure what they cost
-(``bench/errors.py``): the results then carry no standard errors and ``tol=`` never stops."""
+__all__ = ["BLOCK", "Fold", "LayerCount"]
 
 BLOCK = 16
 """Batches held before pooling. The block holds ``BLOCK * 2 * C`` values in the statistics
-dtype (128 bytes per float32 channel), and pooling it briefly needs two float64 arrays of
-``BLOCK * C``; neither depends on the number of batches. Pooling costs about fifteen small
-operations whatever the number of rows, so the block makes them rare."""
+dtype (128 bytes per float32 channel), and pooling it briefly needs a few float64 arrays
+of ``BLOCK * C``; neither depends on the number of batches."""
+
+LayerCount: TypeAlias = int | tuple[int, range]
+"""What one batch gave one layer's first call: values per channel (0: no call), with the
+channels covered when the call covered only some."""
 
 
-class Observed(NamedTuple):
-    """What one intercepted batch showed, to decide whether its shapes may run directly."""
+class Fold:
+    """The sink of one run: batch moments land in a block of ``rows`` rows, pooled when full.
 
-    entries: tuple[Entry, ...]
-    """Per layer: values per channel, and the channels covered when not all."""
-    factors: tuple[float, ...]
-    """Per layer: the factor its call would update running buffers with (0: not reached)."""
-    calls: tuple[int, ...]
-    """Per layer: intercepted batch-norm calls."""
-    uniform: bool
-    """Every call was in training mode, in the block's dtype, one per layer at most."""
-
-
-class BlockFold:
-    """A sink for one run of at most ``max_batches`` batches.
-
-    Batch moments land in a block of ``BLOCK`` rows (fewer for a shorter run), pooled
-    when full.
+    Args:
+        layout: the recomputed layers.
+        dtype: the statistics dtype of the block (the kernels write it).
+        device: where the block and the sums live.
+        rows: batches held before pooling.
+        errors: also add the sums behind the standard errors.
+        start: a state to fold onto (its moments start the sums); none: empty sums.
+        check: note whether the sums stay finite, for `result` to raise on NaN.
+        cache: per-channel weights of the counts seen, kept across folds of one model.
     """
 
     def __init__(
-        self, layers: list[str], bn_buffers: Mapping[str, Tensor], *, max_batches: int
+        self,
+        layout: Layout,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        rows: int = BLOCK,
+        errors: bool = True,
+        start: Stats | None = None,
+        check: bool = True,
+        cache: dict[tuple[LayerCount, ...], _Weights] | None = None,
     ) -> None:
-        means = [bn_buffers[buffer_key(name, STAT_NAMES[0])] for name in layers]
-        self.layers = layers
-        self.index = {name: i for i, name in enumerate(layers)}
-        self.sizes = [m.numel() for m in means]
-        offsets = list(itertools.accumulate(self.sizes, initial=0))
-        self.spans = list(itertools.pairwise(offsets))
-        self.device = means[0].device if means else torch.device("cpu")
-        wide = any(m.dtype == torch.float64 for m in means)
-        self.dtype = torch.float64 if wide else torch.float32
-        rows = min(BLOCK, max_batches)  # a short run needs no more rows than batches
-        self.block = torch.zeros(rows, 2, offsets[-1], dtype=self.dtype, device=self.device)
-        # Per batch row, per layer: the (mean, var) views the kernel writes into, made on
-        # a row's first intercepted batch (direct batches copy whole rows).
-        self.slots: list[list[tuple[Tensor, Tensor]] | None] = [None] * rows
+        self.layout = layout
+        self.dtype, self.device, self.errors, self.check = dtype, device, errors, check
+        channels = layout.channels
+        self.block = torch.zeros(rows, 2, channels, dtype=dtype, device=device)
         self._rows = list(self.block.unbind(0))
-        # The run's shifted sums per channel (see _pool).
-        channels = offsets[-1]
-        self._n, self._s1, self._q = (
-            torch.zeros(channels, dtype=torch.float64, device=self.device) for _ in range(3)
-        )
-        # Per channel, set from the first rows that reach it (its sums are all 0 until then,
-        # so setting it changes nothing): the sums stay well conditioned even for channels
-        # of a sliced layer that the first batches did not cover.
-        self._shift = torch.zeros(channels, dtype=torch.float64, device=self.device)
-        # The standard-error sums (see precisebn._stderr) of all channels, about the shift.
-        self._spread = Spread(
-            self._shift, *torch.zeros(7, channels, dtype=torch.float64, device=self.device)
-        )
-        # Batches since the last pool in which a layer ran more than once: the layer, its
-        # first call's moments (the row's) and the moments of all its calls.
+        # Per block row, per layer: the (mean, var) views the kernels write into.
+        self._slots: list[list[tuple[Tensor, Tensor]] | None] = [None] * rows
+        # The shifted sums per channel (see _pool): shift d, count N, S and Q, and the
+        # standard-error sums about the shift.
+        self._sums = torch.zeros(11 if errors else 4, channels, dtype=torch.float64, device=device)
+        self._shift, self._n, self._s1, self._q, *spread = self._sums.unbind(0)
+        self._spread = Spread(self._shift, *spread) if errors else None
+        self._weights: dict[tuple[LayerCount, ...], _Weights] = {} if cache is None else cache
+        self.reset(start)
+
+    def reset(self, start: Stats | None = None) -> None:
+        """Start afresh from ``start`` (empty sums without): nothing of earlier batches
+        remains, so one fold can serve call after call."""
+        self.block.zero_()  # rows a batch leaves unwritten must hold no earlier values
+        self._sums.zero_()
+        self._sliced = [False] * len(self.layout.names)
+        if start is not None:
+            first = joined(start, self.layout)
+            self._shift.copy_(first.mean)
+            self._n.copy_(first.count)
+            self._q.copy_(first.m2)
+            self._sliced = [start[name].count.dim() > 0 for name in self.layout.names]
+        self._residual: Stats = {}
         self._clusters: list[tuple[int, Moments | None, Moments]] = []
         self._finite: list[Tensor] = []
         self._pools: list[tuple[int, int]] = []
-        self.residual: Stats = {}
-        # Per batch with extra calls: its index, and whether the residual is still finite.
         self._residual_finite: list[tuple[int, Tensor]] = []
+        self._held: list[tuple[LayerCount, ...]] = []
+        self._held_index: list[int] = []
         self.k = 0
-        self._start_batch()
-        self.batch_entries: list[tuple[Entry, ...]] = []
-        self.batch_factors: list[tuple[float, ...] | None] = []
-        self.batch_index: list[int] = []
-        self.degenerate_call: tuple[Call, tuple[int, ...]] | None = None
-        self._sliced = [False] * len(layers)
         self.recorded: set[str] = set()
-        """Layers that at least one intercepted call reached."""
-        self._weight_cache: dict[tuple[tuple[Entry, ...], tuple[float, ...] | None], _Weights] = {}
+        """Layers that at least one call reached."""
+        self.degenerate_call: tuple[Call, tuple[int, ...]] | None = None
+        self._start_batch()
 
     def _start_batch(self) -> None:
-        self.entries: list[Entry] = [0] * len(self.layers)
-        self.factors = [0.0] * len(self.layers)
-        self.ncalls = [0] * len(self.layers)
-        self.uniform = True
-        self.extra: list[Record] = []
+        self._counts: list[LayerCount] = [0] * len(self.layout.names)
+        self._extra: list[_Pending] = []
 
     # -------------------------------------------------------------- the sink protocol
 
     def rows(self, call: Call, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        i = self.index[call.layer]
+        i = self.layout.index[call.layer]
         self.recorded.add(call.layer)
-        self.ncalls[i] += 1
-        if not call.training:
-            self.uniform = False
-        if self.ncalls[i] > 1 or dtype != self.dtype or device != self.device:
-            self.uniform = False
+        if self._counts[i] or dtype != self.dtype or device != self.device:
             mean, var = torch.zeros(2, len(call.span), dtype=dtype, device=device).unbind(0)
-            self.extra.append(Record(call, mean, var))
+            self._extra.append(_Pending(call, mean, var, self.layout.sizes[i]))
             return mean, var
-        self.entries[i] = call.entry
-        self.factors[i] = call.factor
-        if not call.full:
-            self._sliced[i] = True
-        slots = self.slots[self.k]
+        slots = self._slots[self.k]
         if slots is None:
-            mean_rows, var_rows = (torch.split(part, self.sizes) for part in self.block[self.k])
-            slots = self.slots[self.k] = list(zip(mean_rows, var_rows, strict=True))
+            parts = (self.layout.split(part) for part in self.block[self.k])
+            slots = self._slots[self.k] = list(zip(*parts, strict=True))
         mean, var = slots[i]
         if call.full:
+            self._counts[i] = call.count
             return mean, var
+        self._counts[i] = (call.count, call.span)
+        self._sliced[i] = True
         index = slice(call.span.start, call.span.stop, call.span.step)
         return mean[index], var[index]
 
@@ -163,94 +155,74 @@ class BlockFold:
     # ------------------------------------------------------------------- batches
 
     def discard_batch(self) -> None:
-        """Drop the current intercepted batch: nothing of it is pooled."""
+        """Drop the current batch: nothing of it is pooled."""
         self._rows[self.k].zero_()  # partial rows must not leave stale values behind
         self.degenerate_call = None
         self._start_batch()
 
-    def end_batch(self, index: int) -> Observed:
-        """Close the current intercepted batch (loader index ``index``); pool a full block."""
-        observed = Observed(
-            tuple(self.entries), tuple(self.factors), tuple(self.ncalls), self.uniform
-        )
-        self.batch_entries.append(observed.entries)
-        self.batch_factors.append(None)
-        self.batch_index.append(index)
-        if self.extra:
-            extra = collect(self.extra)
-            self.residual = merge(self.residual, extra)
-            self._residual_finite.append((index, _finite(self.residual.values()).all()))
-            for layer, more in extra.items():
-                i = self.index[layer]
-                first = self._row_moments(i)
-                cluster = more if first is None else merge_layer(first, more)
-                self._clusters.append((i, first, cluster))
+    def end_batch(self, index: int) -> None:
+        """Close the current batch (loader index ``index``); pool a full block."""
+        self._held.append(tuple(self._counts))
+        self._held_index.append(index)
+        if self._extra:
+            extra: Stats = {}
+            for pending in self._extra:
+                layer, moments = pending.call.layer, pending.moments()
+                extra[layer] = merge_layer(extra[layer], moments) if layer in extra else moments
+            self._residual = merge(self._residual, extra)
+            if self.check:
+                self._residual_finite.append((index, _finite(self._residual.values()).all()))
+            if self.errors:
+                for layer, more in extra.items():
+                    i = self.layout.index[layer]
+                    first = self._row_moments(i)
+                    cluster = more if first is None else merge_layer(first, more)
+                    self._clusters.append((i, first, cluster))
         self._start_batch()
-        self._advance()
-        return observed
-
-    def end_direct(
-        self, live: Tensor, entries: tuple[Entry, ...], factors: tuple[float, ...], index: int
-    ) -> None:
-        """Close a direct batch: ``live`` holds ``factor *`` its moments, ``entries`` its sizes."""
-        self._rows[self.k].copy_(live)
-        self.batch_entries.append(entries)
-        self.batch_factors.append(factors)
-        self.batch_index.append(index)
-        self._advance()
-
-    def _row_moments(self, i: int) -> Moments | None:
-        """The moments the current row holds for layer ``i`` (its first call), if any."""
-        entry = self.entries[i]
-        if entry == 0:
-            return None
-        count, span = entry if isinstance(entry, tuple) else (entry, None)
-        a, b = self.spans[i]
-        mean, var = self.block[self.k, :, a:b].to(torch.float64, copy=True)
-        if span is not None:
-            index = slice(span.start, span.stop, span.step)
-            mean, var = mean[index], var[index]
-        return from_batch(count, mean, var, span=span, size=self.sizes[i])
-
-    def _advance(self) -> None:
         self.k += 1
         if self.k == len(self._rows):
             self._pool()
 
+    def _row_moments(self, i: int) -> Moments | None:
+        """The moments the current row holds for layer ``i`` (its first call), if any."""
+        count = self._counts[i]
+        if count == 0:
+            return None
+        count, span = count if isinstance(count, tuple) else (count, None)
+        a, b = self.layout.spans[i]
+        mean, var = self.block[self.k, :, a:b].to(torch.float64, copy=True)
+        if span is not None:
+            index = slice(span.start, span.stop, span.step)
+            mean, var = mean[index], var[index]
+        return from_batch(count, mean, var, span=span, size=self.layout.sizes[i])
+
     # -------------------------------------------------------------------- result
 
     def result(self) -> Stats:
-        """Per-layer moments of every batch closed so far.
+        """Per-layer moments of every batch closed so far (layers no call reached: count 0).
 
         Raises:
-            ValueError: NaN or infinity reached a layer; the message names the layers and
-                the batches where it first appeared.
+            ValueError: a fold with ``check``: NaN or infinity reached a layer; the message
+                names the layers and the batches where it first appeared.
         """
         self._pool()
-        self._check_finite()
+        if self.check:
+            self._check_finite()
         total = self._n.clamp_min(1.0)
         mean = self._s1 / total
         m2 = (self._q - self._s1 * mean).clamp_min_(0.0)
         mean += self._shift
-        stats = {
-            layer: Moments(
-                self._n[a:b].clone() if self._sliced[i] else self._n[a].clone(),
-                mean[a:b],
-                m2[a:b],
-            )
-            for i, (layer, (a, b)) in enumerate(zip(self.layers, self.spans, strict=True))
-        }
-        return merge(stats, self.residual)
+        flat = Moments(self._n.clone(), mean, m2)
+        return merge(parted(flat, self.layout, per_channel=self._sliced), self._residual)
 
     def spreads(self) -> Spreads:
-        """Per layer, the standard-error sums of every batch closed so far (after `result`)."""
+        """Per layer, the standard-error sums of every batch closed so far (empty without
+        ``errors``)."""
         self._pool()
-        if not ERRORS:
+        if self._spread is None:
             return {}
-        return {
-            layer: Spread(*(x[a:b] for x in self._spread))
-            for layer, (a, b) in zip(self.layers, self.spans, strict=True)
-        }
+        parts = [self.layout.split(x) for x in self._spread]
+        return {name: Spread(*(p[i] for p in parts)) for i, name in enumerate(self.layout.names)}
 
     def _check_finite(self) -> None:
         """Raise if NaN or infinity reached a layer, naming the layers and the first batches.
@@ -258,21 +230,26 @@ class BlockFold:
         Sums stay non-finite once they are, so the first pool (or batch with extra calls)
         whose flag is down is where it first appeared.
         """
-        pooled = (self._s1 + self._q).isfinite()
-        per_layer = [pooled[a:b].all() for a, b in self.spans]
-        heads = [*self._finite, *(flag for _, flag in self._residual_finite), *per_layer]
-        parts = [torch.stack(heads)]
-        if self.residual:
-            parts.append(_finite(self.residual.values()))
-        flags = torch.cat(parts).cpu().tolist()
-        pools, flags = flags[: len(self._finite)], flags[len(self._finite) :]
-        extras, flags = flags[: len(self._residual_finite)], flags[len(self._residual_finite) :]
-        layers_ok = dict(zip(self.layers, flags[: len(self.layers)], strict=True))
-        for layer, ok in zip(self.residual, flags[len(self.layers) :], strict=True):
-            layers_ok[layer] = layers_ok[layer] and ok
-        bad = [layer for layer, ok in layers_ok.items() if not ok]
+        per_channel = (self._s1 + self._q).isfinite()
+        (finite_channels,) = self.layout.count_per_layer(per_channel[None])
+        ok = dict(
+            zip(
+                self.layout.names,
+                (n == size for n, size in zip(finite_channels, self.layout.sizes, strict=True)),
+                strict=True,
+            )
+        )
+        heads = [*self._finite, *(flag for _, flag in self._residual_finite)]
+        flags = torch.stack(heads).tolist() if heads else []
+        if self._residual:
+            for layer, fine in zip(
+                self._residual, _finite(self._residual.values()).tolist(), strict=True
+            ):
+                ok[layer] = ok[layer] and fine
+        bad = [layer for layer, fine in ok.items() if not fine]
         if not bad:
             return
+        pools, extras = flags[: len(self._finite)], flags[len(self._finite) :]
         if False in pools:  # the block of batches where the pooled sums first went bad
             start, stop = self._pools[pools.index(False)]
         else:  # only extra calls of reused layers went bad: their batches are known
@@ -283,18 +260,18 @@ class BlockFold:
     # ------------------------------------------------------------------- pooling
 
     def _pool(self) -> None:
-        """Add the block's rows to the run's sums and start the block afresh.
+        """Add the block's rows to the sums and start the block afresh.
 
         The sums are shifted by a reference ``d`` per channel (the first rows' mean), which
         keeps them well conditioned in float64: ``N = Σ n_k``, ``S = Σ n_k (mean_k - d)``
         and ``Q = Σ (n_k - 1) var_k + n_k (mean_k - d)^2``, so that the pooled mean is
         ``d + S / N`` and the sum of squared deviations ``Q - S^2 / N``. Rows of equal
-        counts and factors are added as one group.
+        counts are added as one group.
         """
         if self.k == 0:
             return
-        groups: dict[tuple[tuple[Entry, ...], tuple[float, ...] | None], list[int]] = {}
-        for i, key in enumerate(zip(self.batch_entries, self.batch_factors, strict=True)):
+        groups: dict[tuple[LayerCount, ...], list[int]] = {}
+        for i, key in enumerate(self._held):
             groups.setdefault(key, []).append(i)
         for key, members in groups.items():
             first, last = members[0], members[-1]
@@ -302,99 +279,105 @@ class BlockFold:
                 part = self.block[first : last + 1]
             else:
                 part = self.block[torch.tensor(members, device=self.device)]
-            weights = self._weights(key)
+            weights = self._weights_of(key)
             means = part[:, 0].to(torch.float64, copy=True)  # worked on in place
-            if weights.unscale is not None:
-                means.mul_(weights.unscale)
-            self._set_shift(weights.n > 0, means.mean(0), slice(None))
+            self._set_shift(weights.mask, means.mean(0), slice(None))
             deviations = means.sub_(self._shift)
             squares = deviations.square()
             # t_k: each row's sum of squared deviations about the shift, per channel.
             t = part[:, 1].to(torch.float64).mul_(weights.var).addcmul_(squares, weights.n)
-            sum_e, sum_e2, sum_t = deviations.sum(0), squares.sum(0), t.sum(0)
+            sum_e, sum_t = deviations.sum(0), t.sum(0)
             self._s1.addcmul_(weights.n, sum_e)
             self._q.add_(sum_t)
             self._n.add_(weights.n, alpha=len(members))
-            if not ERRORS:
-                continue
             sp = self._spread
+            if sp is None:
+                continue
             sp.batches.add_(weights.reached, alpha=len(members))
             sp.n2.add_(weights.n2, alpha=len(members))
             sp.n2e.addcmul_(weights.n2, sum_e)
-            sp.n2e2.addcmul_(weights.n2, sum_e2)
+            sp.n2e2.addcmul_(weights.n2, squares.sum(0))
             sp.t2.add_(t.square().sum(0))
             sp.tne.addcmul_(weights.n, t.mul_(deviations).sum(0))
             sp.tn.addcmul_(weights.n, sum_t)
+        self._pool_clusters()
+        if self.check:  # one flag per pool, read at the end: non-finite sums stay so
+            self._finite.append((self._s1 + self._q).isfinite().all())
+            self._pools.append((self._held_index[0], self._held_index[-1]))
+        self.k, self._held, self._held_index = 0, [], []
+
+    def _pool_clusters(self) -> None:
+        """Replace, in the standard-error sums, the first call of each batch in which a layer
+        ran more than once by all its calls pooled: one draw per batch."""
+        sp = self._spread
+        if sp is None:
+            return
         for layer, first_call, all_calls in self._clusters:
-            a, b = self.spans[layer]
-            self._set_shift(
-                all_calls.count.expand_as(all_calls.mean) > 0, all_calls.mean, slice(a, b)
-            )
-            sums = Spread(*(x[a:b] for x in self._spread))
+            a, b = self.layout.spans[layer]
+            reached = all_calls.count.expand_as(all_calls.mean) > 0
+            self._set_shift(reached, all_calls.mean, slice(a, b))
+            sums = Spread(*(x[a:b] for x in sp))
             sums = accumulate(sums, terms(all_calls, sums.center))
             if first_call is not None:
                 sums = accumulate(sums, terms(first_call, sums.center), sign=-1.0)
-            for x, y in zip(self._spread[1:], sums[1:], strict=True):
+            for x, y in zip(sp[1:], sums[1:], strict=True):
                 x[a:b] = y
         self._clusters = []
-        # One flag per pool, read at the end: the sums stay non-finite once they are.
-        self._finite.append((self._s1 + self._q).isfinite().all())
-        self._pools.append((self.batch_index[0], self.batch_index[-1]))
-        self.k, self.batch_entries, self.batch_factors, self.batch_index = 0, [], [], []
 
     def _set_shift(self, reached: Tensor, mean: Tensor, where: slice) -> None:
         """Shift the channels ``where`` that ``reached`` and whose sums are still empty to
-        ``mean``, without a host sync."""
-        fresh = reached & (self._n[where] == 0) & (self._spread.batches[where] == 0)
+        ``mean``, without a host sync (their sums are all 0, so this changes nothing)."""
+        fresh = reached & (self._n[where] == 0)
+        if self._spread is not None:
+            fresh &= self._spread.batches[where] == 0
         shift = self._shift[where]
         shift.copy_(torch.where(fresh, mean, shift))
 
-    def _weights(self, key: tuple[tuple[Entry, ...], tuple[float, ...] | None]) -> _Weights:
-        """Per channel: ``n``; the weight of the summed row variances in ``Q`` (``n - 1``,
-        over the factor for direct rows); and, for direct rows, ``1 / factor``."""
-        weights = self._weight_cache.get(key)
+    def _weights_of(self, key: tuple[LayerCount, ...]) -> _Weights:
+        """Per channel: ``n``, the weight ``n - 1`` of the rows' variances in ``Q``, ``n**2``
+        and whether the channel was reached, for rows of counts ``key``."""
+        weights = self._weights.get(key)
         if weights is None:
-            if len(self._weight_cache) >= 4 * BLOCK:  # many ragged shapes: stay bounded
-                self._weight_cache.clear()
-            entries, factors = key
-            n = _per_channel(entries, self.sizes, self.device)
-            var = (n - 1).clamp_min(0.0)
-            unscale = None
-            if factors is not None:
-                unscale = _per_channel(
-                    [1.0 / f if f else 1.0 for f in factors], self.sizes, self.device
-                )
-                var = var * unscale
-            weights = self._weight_cache[key] = _Weights(
-                n, var, unscale, n.square(), (n > 0).to(torch.float64)
+            if len(self._weights) >= 4 * BLOCK:  # many ragged counts: stay bounded
+                self._weights.clear()
+            n = self._per_channel(key)
+            mask = n > 0
+            weights = self._weights[key] = _Weights(
+                n, (n - 1).clamp_min(0.0), n.square(), mask.to(torch.float64), mask
             )
         return weights
 
+    def _per_channel(self, key: tuple[LayerCount, ...]) -> Tensor:
+        plain = [0 if isinstance(c, tuple) else c for c in key]
+        out = self.layout.per_channel(plain, torch.device("cpu"))
+        for (a, _), count in zip(self.layout.spans, key, strict=True):
+            if isinstance(count, tuple):
+                n, span = count
+                out[a + span.start : a + span.stop : span.step] = n
+        return out.to(self.device)
 
-def _finite(moments: Iterable[Moments]) -> Tensor:
-    """Per state entry, whether its mean and sum of squared deviations are finite."""
-    return torch.stack([(m.mean + m.m2).isfinite().all() for m in moments])
+
+class _Pending:
+    """An extra call's rows, turned into moments once the kernel has written them."""
+
+    __slots__ = ("call", "mean", "size", "var")
+
+    def __init__(self, call: Call, mean: Tensor, var: Tensor, size: int) -> None:
+        self.call, self.mean, self.var, self.size = call, mean, var, size
+
+    def moments(self) -> Moments:
+        c = self.call
+        return from_batch(c.count, self.mean, self.var, span=c.span, size=self.size)
 
 
 class _Weights(NamedTuple):
     n: Tensor
     var: Tensor
-    unscale: Tensor | None
     n2: Tensor
     reached: Tensor
+    mask: Tensor
 
 
-def _per_channel(values: Sequence[Entry | float], sizes: list[int], device: torch.device) -> Tensor:
-    """A float64 vector holding each layer's value on each of its channels (on a sliced
-    entry's channels only, 0 on the others)."""
-    if not values:
-        return torch.zeros(0, dtype=torch.float64, device=device)
-    plain = [0.0 if isinstance(v, tuple) else float(v) for v in values]
-    out = torch.repeat_interleave(torch.tensor(plain, dtype=torch.float64), torch.tensor(sizes))
-    offset = 0
-    for size, value in zip(sizes, values, strict=True):
-        if isinstance(value, tuple):
-            count, span = value
-            out[offset + span.start : offset + span.stop : span.step] = count
-        offset += size
-    return out.to(device)
+def _finite(moments: Iterable[Moments]) -> Tensor:
+    """Per state entry, whether its mean and sum of squared deviations are finite."""
+    return torch.stack([(m.mean + m.m2).isfinite().all() for m in moments])

@@ -24,16 +24,15 @@ happens. The recomputed layers' statistics are forbidden outside their batch-nor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import optree
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
 
 __all__ = [
-    "EagerDispatchMode",
     "ForbiddenWriteError",
     "Guard",
     "Protection",
@@ -86,16 +85,19 @@ class Protection:
     Args:
         rebind: called once per buffer whose storage was cloned, so that later batches
             read the clone directly instead of through the guard.
+        forbidden: storages (`storage_id`) into which a write raises `ForbiddenWriteError`.
     """
 
-    def __init__(self, rebind: Rebind | None = None) -> None:
+    def __init__(
+        self, rebind: Rebind | None = None, *, forbidden: frozenset[int] = frozenset()
+    ) -> None:
         self._rebind = rebind
         self._bound: dict[int, list[_Bound]] = {}
         self._clones: dict[int, torch.UntypedStorage] = {}
         # A bound guard's stand-in once its storage is cloned: always the same tensor, so
         # that changes of its shape (resize_) last, as they would on the buffer itself.
         self._stand_ins: dict[int, Tensor] = {}
-        self._forbidden: set[int] = set()
+        self._forbidden = forbidden
         self._pending: list[int] = []
         self.copied: list[str] = []
         """Keys of the buffers the forward wrote to, in the order of their first write."""
@@ -113,9 +115,11 @@ class Protection:
         self._bound.setdefault(storage_id(tensor), []).append(_Bound(key, tensor, guard))
         return guard
 
-    def forbid(self, tensors: Iterable[Tensor]) -> None:
-        """Make a write into the storage of any of ``tensors`` raise `ForbiddenWriteError`."""
-        self._forbidden.update(storage_id(t) for t in tensors if has_storage(t))
+    def close(self) -> None:
+        """Forget the session's guards and clones (which refer back to this protection)."""
+        self._bound.clear()
+        self._stand_ins.clear()
+        self._clones.clear()
 
     @property
     def copied_bytes(self) -> int:
@@ -127,7 +131,7 @@ class Protection:
         with torch._C.DisableTorchFunctionSubclass(), _Writes(self):
             out = func(*args, **kwargs)
         self._settle()
-        return tree_map_only(Tensor, self._guard_output, out)
+        return optree.tree_map(self._guard_output, out, none_is_leaf=True)
 
     def before_write(self, tensor: Tensor, operator: Any) -> None:
         """Called by the dispatch mode before ``operator`` writes into ``tensor``."""
@@ -148,7 +152,9 @@ class Protection:
         if not self._clones:
             return value
 
-        def move(t: Tensor) -> Tensor:
+        def move(t: Any) -> Any:
+            if not isinstance(t, Tensor):
+                return t
             stand_in = self._stand_ins.get(t._cdata)
             if stand_in is not None:
                 return stand_in
@@ -157,7 +163,7 @@ class Protection:
             clone = self._clones.get(storage_id(t))
             return t if clone is None else alias(t, clone)
 
-        return tree_map_only(Tensor, move, value)
+        return optree.tree_map(move, value, none_is_leaf=True)
 
     def _settle(self) -> None:
         """Rebind the buffers whose storages the last call cloned."""
@@ -167,8 +173,8 @@ class Protection:
                 if self._rebind is not None:
                     self._rebind(b.key, self._stand_ins[b.guard._cdata])
 
-    def _guard_output(self, t: Tensor) -> Tensor:
-        if isinstance(t, Guard) or not has_storage(t):
+    def _guard_output(self, t: Any) -> Any:
+        if not isinstance(t, Tensor) or isinstance(t, Guard) or not has_storage(t):
             return t
         sid = storage_id(t)
         if sid in self._bound and sid not in self._clones:
@@ -240,25 +246,18 @@ def _written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
     return found
 
 
-class EagerDispatchMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """A dispatch mode that stays out of ``torch.compile``'s way without importing it."""
+class _Writes(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Sees every operator of one guarded call: clones before writes, moves reads to clones."""
 
-    def __init__(self) -> None:
+    def __init__(self, protection: Protection) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        self.protection = protection
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         # Otherwise torch wraps __torch_dispatch__ to keep torch.compile out of it, and the
         # wrapper imports torch._dynamo on its first call: about 2 s, for nothing here.
         return False
-
-
-class _Writes(EagerDispatchMode):  # type: ignore[no-untyped-call]
-    """Sees every operator of one guarded call: clones before writes, moves reads to clones."""
-
-    def __init__(self, protection: Protection) -> None:
-        super().__init__()
-        self.protection = protection
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None

@@ -13,12 +13,29 @@ from torch.nn.modules.lazy import LazyModuleMixin
 LayerSelector: TypeAlias = Iterable[str] | Callable[[str, nn.Module], bool] | None
 """Which BN layers: ``None`` (all), names, or a ``(name, module) -> bool`` predicate."""
 
-STAT_NAMES = ("running_mean", "running_var")
+MEAN, VAR = STAT_NAMES = ("running_mean", "running_var")
+"""The running statistics precisebn recomputes, by their buffer names."""
 
 
 def buffer_key(layer: str, stat: str) -> str:
     """The ``named_buffers()`` key of ``stat`` in the layer called ``layer``."""
     return f"{layer}.{stat}" if layer else stat
+
+
+def parse_key(key: str) -> tuple[str, str] | None:
+    """``(layer, stat)`` of a running-statistics buffer key, ``None`` for any other key.
+
+    Example:
+        >>> parse_key("block.bn.running_var"), parse_key("running_mean"), parse_key("fc.weight")
+        (('block.bn', 'running_var'), ('', 'running_mean'), None)
+    """
+    layer, _, stat = key.rpartition(".")
+    return (layer, stat) if stat in STAT_NAMES else None
+
+
+def layers_of(buffers: Iterable[str]) -> list[str]:
+    """The layers whose ``running_mean`` key is among ``buffers``, in their order."""
+    return [p[0] for p in map(parse_key, buffers) if p is not None and p[1] == MEAN]
 
 
 def tracks_stats(module: nn.Module) -> bool:

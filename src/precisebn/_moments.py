@@ -1,19 +1,20 @@
 """The statistics state: per-layer count, mean and sum of squared deviations, all in float64.
 
-A state is a ``dict[str, Moments]`` keyed by layer name: an optree pytree whose leaves are
+A state is a ``dict[str, Moments]`` keyed by layer name: a pytree whose leaves are
 tensors. Every function here returns a new state and mutates nothing.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from precisebn._layers import STAT_NAMES, buffer_key
+from precisebn._layers import MEAN, VAR, buffer_key, parse_key
+from precisebn._layout import Layout
 
 _NAMED = 5  # layers an error names before summarising the rest
 
@@ -21,13 +22,13 @@ __all__ = [
     "Moments",
     "Stats",
     "finalize",
-    "flatten",
     "from_batch",
     "init",
+    "joined",
     "merge",
     "merge_layer",
     "nonfinite_message",
-    "unflatten",
+    "parted",
 ]
 
 
@@ -67,24 +68,39 @@ def init(buffers: Mapping[str, Tensor]) -> Stats:
         >>> list(stats), stats["1"].count.item()
         (['1'], 0.0)
     """
-    suffix = "." + STAT_NAMES[0]
     stats = {}
     for key, tensor in buffers.items():
-        if key == STAT_NAMES[0] or key.endswith(suffix):
-            layer = key[: -len(suffix)] if key != STAT_NAMES[0] else ""
+        parsed = parse_key(key)
+        if parsed is not None and parsed[1] == MEAN:
             zeros = torch.zeros(tensor.shape, dtype=torch.float64, device=tensor.device)
-            stats[layer] = Moments(zeros.new_zeros(()), zeros, zeros.clone())
+            stats[parsed[0]] = Moments(zeros.new_zeros(()), zeros, zeros.clone())
     return stats
 
 
-def flatten(stats: Stats, layers: list[str]) -> list[Tensor]:
-    """``count, mean, m2`` of each of ``layers`` in turn: a flat list of tensors."""
-    return [t for layer in layers for t in stats[layer]]
+def joined(stats: Stats, layout: Layout) -> Moments:
+    """The state's moments laid end to end (counts per channel), on the first layer's device."""
+    parts = [stats[name] for name in layout.names]
+    device = parts[0].mean.device if parts else torch.device("cpu")
+    if any(m.mean.device != device for m in parts):
+        parts = [Moments(*(t.to(device) for t in m)) for m in parts]
+    return Moments(
+        layout.join([m.count.expand_as(m.mean) for m in parts]),
+        layout.join([m.mean for m in parts]),
+        layout.join([m.m2 for m in parts]),
+    )
 
 
-def unflatten(flat: list[Tensor], layers: list[str]) -> Stats:
-    """The state that `flatten` flattened."""
-    return {layer: Moments(*flat[3 * i : 3 * i + 3]) for i, layer in enumerate(layers)}
+def parted(flat: Moments, layout: Layout, *, per_channel: Sequence[bool]) -> Stats:
+    """The state of moments laid end to end: a layer's count is a scalar unless
+    ``per_channel`` says its channels may have seen different counts."""
+    counts, means, m2s = (layout.split(t) for t in flat)
+    firsts = flat.count[layout.starts.to(flat.count.device)].unbind(0) if counts else ()
+    return {
+        name: Moments(n if vector else first, mean, m2)
+        for name, n, first, mean, m2, vector in zip(
+            layout.names, counts, firsts, means, m2s, per_channel, strict=True
+        )
+    }
 
 
 def from_batch(
@@ -176,7 +192,7 @@ def finalize(stats: Stats, *, like: Mapping[str, Tensor] | None = None) -> dict[
     out: dict[str, Tensor] = {}
     missing, partial = [], []
     for (layer, m), all_seen, some_seen in zip(layers, reached, partly, strict=True):
-        mean_key, var_key = (buffer_key(layer, s) for s in STAT_NAMES)
+        mean_key, var_key = buffer_key(layer, MEAN), buffer_key(layer, VAR)
         if not some_seen:
             missing.append(layer)
             if like is None:
@@ -201,27 +217,18 @@ def finalize(stats: Stats, *, like: Mapping[str, Tensor] | None = None) -> dict[
 
 def _coverage(stats: Stats) -> tuple[list[bool], list[bool], list[bool]]:
     """Per layer, with one transfer to the host: whether every channel and whether some
-    channel saw two values or more, and whether the moments are finite. A few
-    operations over all layers at once, whatever their number."""
+    channel saw two values or more, and whether the moments are finite."""
     if not stats:
         return [], [], []
-    moments = list(stats.values())
-    sizes = [m.mean.numel() for m in moments]
-    device = moments[0].mean.device
-    layer_of = torch.repeat_interleave(
-        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+    layout = Layout.of({name: m.mean for name, m in stats.items()})
+    flat = joined(stats, layout)
+    seen, finite = layout.count_per_layer(
+        torch.stack([flat.count >= 2, (flat.mean + flat.m2).isfinite()])
     )
-    counts = torch.cat([m.count.to(device).expand_as(m.mean).reshape(-1) for m in moments])
-    means = torch.cat([m.mean.to(device).reshape(-1) for m in moments])
-    m2s = torch.cat([m.m2.to(device).reshape(-1) for m in moments])
-    per_channel = torch.stack([counts >= 2, (means + m2s).isfinite()]).long()
-    totals = torch.zeros(2, len(sizes), dtype=torch.long, device=device)
-    totals.index_add_(1, layer_of, per_channel)
-    table = totals.cpu().tolist()
     return (
-        [n == size for n, size in zip(table[0], sizes, strict=True)],
-        [n > 0 for n in table[0]],
-        [n == size for n, size in zip(table[1], sizes, strict=True)],
+        [n == size for n, size in zip(seen, layout.sizes, strict=True)],
+        [n > 0 for n in seen],
+        [n == size for n, size in zip(finite, layout.sizes, strict=True)],
     )
 
 

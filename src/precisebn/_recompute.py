@@ -1,7 +1,10 @@
-"""recompute_bn_buffers: find layers, run batches statelessly, fold moments, produce buffers.
+"""recompute_bn_buffers: a loop over recorders, then a reduction, then new buffers.
 
-One or several models: `recompute_bn_buffers` is the pass of `recompute_bn_buffers_many`
-over one model, and under ``torch.func.vmap`` over the members of a stack of weights.
+One pass over the loader serves every model of a run: each batch is fetched once, placed
+once per device, and run through each model's recorder into that model's fold. With
+several models, batches are held up to a pooling point (or `HOLD_BYTES`) and run model by
+model, so that each model's weights stay in the cache. `recompute_bn_buffers` is the run
+of one model, and under ``torch.func.vmap`` the run of the members of a stack of weights.
 """
 
 from __future__ import annotations
@@ -12,14 +15,14 @@ import itertools
 import logging
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
 
-from precisebn._batches import Forward, to_device
-from precisebn._buffers import BNBuffers, ErrorsLater
-from precisebn._capture import RecordList, Runner, Step, check_followed, collect, one_value_message
+from precisebn._batches import Forward, Placed, leading_size, place
+from precisebn._binding import Resolved, Weights, bind
+from precisebn._buffers import RunInfo
 from precisebn._converge import (
     Stopper,
     check_tol,
@@ -30,109 +33,62 @@ from precisebn._converge import (
     worst,
 )
 from precisebn._distributed import GroupError, abandon, reduce_run, reduction_group
+from precisebn._fold import BLOCK, Fold
 from precisebn._layers import LayerSelector
-from precisebn._loop import Outcome, accumulate, run_step
-from precisebn._moments import Stats, finalize, flatten, init, merge, unflatten
+from precisebn._moments import Stats, finalize, init
+from precisebn._recorder import Recorder, check_followed
 from precisebn._stderr import Spreads, standard_errors
-from precisebn._vmap import check_unbatched, is_transformed, per_member, split_weights, weights
+from precisebn._vmap import check_unbatched, is_transformed, per_member, split_weights
+from precisebn._vmap import weights as weights_of
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
+__all__ = ["HOLD_BYTES", "recompute_bn_buffers", "recompute_bn_buffers_many"]
+
 logger = logging.getLogger("precisebn")
 
+HOLD_BYTES = 64 * 2**20
+"""With several models, the most bytes of batches held before they are run model by model."""
 
-def update(
-    stats: Stats,
+
+Result = tuple[dict[str, Tensor], RunInfo]
+
+
+@overload
+def recompute_bn_buffers(
     model: nn.Module,
-    batch: Any,
+    loader: Iterable[Any],
     *,
-    params: Mapping[str, Tensor] | None = None,
-    buffers: Mapping[str, Tensor] | None = None,
-    forward: Forward | None = None,
-) -> Stats:
-    """Fold one batch into ``stats``: a new state; nothing is mutated.
-
-    Records the layers that ``stats`` holds. The batch is moved to the model's device and
-    run without autograd; see `precisebn.capture` for the forward's semantics. A batch in
-    which a recomputed layer sees a single value per channel is skipped with a warning
-    (the state is returned unchanged). Under ``torch.func.vmap`` over stacked weights
-    (and a stacked state), each member folds the batch into its own moments.
-
-    Example:
-        >>> import torch, precisebn
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-        >>> stats = precisebn.init(precisebn.bn_buffers(model))
-        >>> for batch in torch.randn(5, 10, 3):
-        ...     stats = precisebn.update(stats, model, batch)
-        >>> stats["1"].count.item()
-        50.0
-    """
-    layers = list(stats)
-    if is_transformed(params, buffers):
-        moments, skipped = _batch_moments_transformed(
-            model, batch, layers, params, buffers, forward
-        )
-    else:
-        moments, skipped = _batch_moments(model, batch, layers, params, buffers, forward)
-    if skipped is not None:
-        warnings.warn(f"the batch was skipped: {skipped}", UserWarning, stacklevel=2)
-        return dict(stats)
-    return merge(stats, moments)
+    num_batches: int = ...,
+    tol: float | None = ...,
+    layers: LayerSelector = ...,
+    forward: Forward | None = ...,
+    params: Mapping[str, Tensor] | None = ...,
+    buffers: Mapping[str, Tensor] | None = ...,
+    progress: bool = ...,
+    process_group: ProcessGroup | None = ...,
+    distributed: bool = ...,
+    return_info: Literal[False] = ...,
+) -> dict[str, Tensor]: ...
 
 
-def _batch_moments(
+@overload
+def recompute_bn_buffers(
     model: nn.Module,
-    batch: Any,
-    layers: list[str],
-    params: Mapping[str, Tensor] | None,
-    buffers: Mapping[str, Tensor] | None,
-    forward: Forward | None,
-) -> tuple[Stats, str | None]:
-    """One batch's moments per layer it reached, or why it is skipped."""
-    check_unbatched(torch.utils._pytree.tree_leaves(batch))
-    runner = Runner(model, layers=layers, params=params, buffers=buffers, forward=forward)
-    with torch.no_grad():
-        sink = RecordList()
-        runner.within(lambda step: _checked_step(runner, step, batch), sink=sink)
-    check_followed(runner.reads, {r.call.layer for r in sink.records})
-    if sink.degenerate_calls:
-        call, shape = sink.degenerate_calls[0]
-        return {}, one_value_message(call, shape)
-    return collect(sink.records), None
-
-
-def _batch_moments_transformed(
-    model: nn.Module,
-    batch: Any,
-    layers: list[str],
-    params: Mapping[str, Tensor] | None,
-    buffers: Mapping[str, Tensor] | None,
-    forward: Forward | None,
-) -> tuple[Stats, str | None]:
-    """`_batch_moments` of every member of a stack of weights (see `precisebn._vmap`): the
-    moments of every layer (count 0 where the batch did not reach it), batched."""
-    skipped: list[str] = []
-
-    def many(members: list[dict[str, Tensor]]) -> list[list[Tensor]]:
-        outs = []
-        for p, b in [split_weights(m) for m in members]:
-            moments, why = _batch_moments(model, batch, layers, p, b, forward)
-            if why is not None:
-                skipped.append(why)
-            unreached = init({**dict(model.named_buffers()), **b})
-            outs.append(flatten({**unreached, **moments}, layers))
-        return outs
-
-    flat = per_member(many, weights(params, buffers))
-    if skipped:
-        return {}, skipped[0]
-    return unflatten(flat, layers), None
-
-
-def _checked_step(runner: Runner, step: Step, batch: Any) -> Any:
-    """Move ``batch`` to the model's device and run it; explain integer-input failures."""
-    return run_step(runner, step, to_device(batch, runner.device), index=0)
+    loader: Iterable[Any],
+    *,
+    num_batches: int = ...,
+    tol: float | None = ...,
+    layers: LayerSelector = ...,
+    forward: Forward | None = ...,
+    params: Mapping[str, Tensor] | None = ...,
+    buffers: Mapping[str, Tensor] | None = ...,
+    progress: bool = ...,
+    process_group: ProcessGroup | None = ...,
+    distributed: bool = ...,
+    return_info: Literal[True],
+) -> Result: ...
 
 
 def recompute_bn_buffers(
@@ -148,17 +104,19 @@ def recompute_bn_buffers(
     progress: bool = False,
     process_group: ProcessGroup | None = None,
     distributed: bool = True,
-    direct: bool = True,
-) -> BNBuffers:
+    return_info: bool = False,
+) -> dict[str, Tensor] | Result:
     """Recompute BatchNorm running statistics exactly, returning new buffers.
 
     Runs up to ``num_batches`` batches of ``loader`` through ``model`` statelessly
     (`torch.func.functional_call`, no autograd) and, for each recomputed layer,
     pools every value that reached it over every call as if the whole run were one batch:
     ``running_mean`` is the mean and ``running_var`` the unbiased variance ``N/(N-1)``,
-    where ``N`` counts batch times spatial (or sequence) positions. During the run each
-    recomputed layer normalises with batch statistics, as in training mode, whatever its
-    ``training`` flag says; other modules (dropout, ...) run as the caller left them.
+    where ``N`` counts batch times spatial (or sequence) positions. Every batch-norm call
+    is intercepted, so ``N`` is read from the input each call really received. During the
+    run each recomputed layer normalises with batch statistics, as in training mode,
+    whatever its ``training`` flag says; other modules (dropout, ...) run as the caller
+    left them.
 
     The model is never changed: not its parameters, buffers, flags or hooks, also not
     when the loader or the forward raises. Apply the result with
@@ -168,7 +126,7 @@ def recompute_bn_buffers(
     Args:
         model: the model; BN layers are subclasses of ``torch.nn.modules.batchnorm._BatchNorm``
             with ``track_running_stats=True``.
-        loader: any iterable of batches.
+        loader: any iterable of batches, read once.
         num_batches: the most batches to use; a shorter loader is fine.
         tol: stop early, at the first pooling point (every 16 batches, from batch 16 on)
             where every recomputed channel's standard errors are within ``tol`` of its
@@ -196,24 +154,13 @@ def recompute_bn_buffers(
             returns the same buffers, those of one process running the union of all
             ranks' batches. ``False`` keeps each rank's own statistics. Without a process
             group there is nothing to pool and this flag has no effect.
-        direct: run batches whose shapes were seen before without intercepting BN calls
-            (see *How a run works* in the docs): the same numbers, with no Python call per
-            BN call. It needs the per-layer counts to follow from the batch's shapes; the
-            run checks this on the first two batches of each shape, watches for sizes read
-            from tensor values, checks which layers every direct batch ran, and runs one
-            direct batch in eight with its counts checked. When a check fails,
-            the run starts again with every batch intercepted, with a warning (a loader
-            that cannot be iterated twice raises instead). ``False`` intercepts every batch
-            from the start.
+        return_info: also return a `RunInfo`: how many batches and samples were used,
+            whether ``tol`` was reached, and the standard errors.
 
     Returns:
-        BNBuffers: a ``dict`` keyed ``"<layer>.running_mean"`` and
-        ``"<layer>.running_var"``, each with the dtype, device and shape of the buffer it
-        replaces, sharing no storage with it; ``.num_batches`` and ``.num_samples`` say how
-        much data was used (summed over the ranks when pooled). ``.stderr`` holds the
-        standard error of every value (keyed and shaped like the buffers), ``.n_eff`` the
-        effective number of independent values per layer, and ``.converged`` whether
-        ``tol`` was reached (``None`` without ``tol``). A layer no batch reached
+        A ``dict`` keyed ``"<layer>.running_mean"`` and ``"<layer>.running_var"``, each
+        with the dtype, device and shape of the buffer it replaces, sharing no storage with
+        it; with ``return_info``, the pair ``(buffers, info)``. A layer no batch reached
         keeps its buffers (with a warning; when pooled, the same on every rank). A batch in
         which a recomputed layer sees a single value per channel (a last batch of one
         sample) is skipped with a warning and not counted.
@@ -226,24 +173,24 @@ def recompute_bn_buffers(
             layers and the batches), or a forward that uses the running statistics in a
             way precisebn cannot follow.
         RuntimeError: when pooling, another rank's loader or forward raised (that rank
-            raises its own error; no rank waits for it); a check of direct batches failed
-            on a loader that cannot be iterated again; or the forward wrote into the
+            raises its own error; no rank waits for it); or the forward wrote into the
             model's parameters in place.
 
     Under ``torch.func.vmap`` over stacked weights (``params``/``buffers`` from
     ``torch.func.stack_module_state``, batched in whole or in part), the call runs every
     member of the stack in one pass over ``loader`` and returns the buffers stacked
-    (``[K, C]`` outside ``vmap``), each member's those of a call of its own;
-    ``.stderr`` holds the members' errors stacked, ``.converged`` whether every member
-    converged, and ``.n_eff`` is empty. `precisebn.recompute_bn_buffers_many` does the same
+    (``[K, C]`` outside ``vmap``), each member's those of a call of its own. With
+    ``return_info`` the info is the stack's, not batched (``vmap(..., out_dims=(0, None))``):
+    its ``stderr`` holds the members' errors stacked, ``converged`` says whether every
+    member converged, and ``n_eff`` is empty. `precisebn.recompute_bn_buffers_many` does the same
     for a list of models, of different architectures too.
 
     Example:
         >>> import torch, precisebn
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
         >>> loader = [torch.randn(32, 3) + 5 for _ in range(10)]
-        >>> new = precisebn.recompute_bn_buffers(model, loader)
-        >>> sorted(new), new.num_batches, new.num_samples
+        >>> new, info = precisebn.recompute_bn_buffers(model, loader, return_info=True)
+        >>> sorted(new), info.num_batches, info.num_samples
         (['1.running_mean', '1.running_var'], 10, 320)
         >>> model[1].running_mean.abs().max().item()  # the model is untouched
         0.0
@@ -257,11 +204,13 @@ def recompute_bn_buffers(
         progress=progress,
         process_group=process_group,
         distributed=distributed,
-        direct=direct,
+        return_info=return_info,
     )
     if is_transformed(params, buffers):
-        return _recompute_transformed(model, loader, params, buffers, options)
-    return _recompute_models([(model, params, buffers)], loader, options)[0]
+        result = _recompute_transformed(model, loader, Weights(params, buffers), options)
+    else:
+        result = _recompute_models([(model, Weights(params, buffers))], loader, options)[0]
+    return result if return_info else result[0]
 
 
 def recompute_bn_buffers_many(
@@ -277,8 +226,8 @@ def recompute_bn_buffers_many(
     progress: bool = False,
     process_group: ProcessGroup | None = None,
     distributed: bool = True,
-    direct: bool = True,
-) -> list[BNBuffers]:
+    return_info: bool = False,
+) -> list[dict[str, Tensor]] | list[Result]:
     """Recompute the BatchNorm statistics of several models in one pass over the data.
 
     Each batch of ``loader`` is fetched once, moved once to each device the models live
@@ -292,8 +241,7 @@ def recompute_bn_buffers_many(
 
     Args:
         models: the models, at least one.
-        loader: any iterable of batches, read once (twice when a check of direct batches
-            fails, as in `precisebn.recompute_bn_buffers`).
+        loader: any iterable of batches, read once.
         params: one mapping (or ``None``) per model: parameters to use instead of its own.
         buffers: one mapping (or ``None``) per model: buffers to use instead of its own.
         num_batches: the most batches to use.
@@ -305,11 +253,10 @@ def recompute_bn_buffers_many(
         process_group: as for `precisebn.recompute_bn_buffers`.
         distributed: as for `precisebn.recompute_bn_buffers`; every model's statistics go
             in one reduction.
-        direct: as for `precisebn.recompute_bn_buffers`, per model: a failed check runs
-            only that model again, every batch intercepted.
+        return_info: return ``(buffers, info)`` per model (see `precisebn.RunInfo`).
 
     Returns:
-        One `BNBuffers` per model, in order.
+        One buffer dict (or ``(buffers, info)`` pair) per model, in order.
 
     Raises:
         ValueError: no models, or ``params``/``buffers`` of another length; and the errors
@@ -322,8 +269,8 @@ def recompute_bn_buffers_many(
         ...     return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.BatchNorm1d(width))
         >>> loader = [torch.randn(32, 3) for _ in range(10)]
         >>> small, large = precisebn.recompute_bn_buffers_many([net(4), net(8)], loader)
-        >>> small["1.running_var"].shape, large["1.running_var"].shape, large.num_batches
-        (torch.Size([4]), torch.Size([8]), 10)
+        >>> small["1.running_var"].shape, large["1.running_var"].shape
+        (torch.Size([4]), torch.Size([8]))
     """
     models = list(models)
     if not models:
@@ -341,10 +288,11 @@ def recompute_bn_buffers_many(
         progress=progress,
         process_group=process_group,
         distributed=distributed,
-        direct=direct,
+        return_info=return_info,
     )
-    specs = list(zip(models, per_params, per_buffers, strict=True))
-    return _recompute_models(specs, loader, options)
+    specs = [(m, Weights(p, b)) for m, p, b in zip(models, per_params, per_buffers, strict=True)]
+    results = _recompute_models(specs, loader, options)
+    return results if return_info else [new for new, _ in results]
 
 
 class _Options(NamedTuple):
@@ -354,7 +302,8 @@ class _Options(NamedTuple):
     forward: Forward | None
     progress: bool
     group: ProcessGroup | None
-    direct: bool
+    errors: bool
+    """Whether the run estimates standard errors (for ``tol`` or the info)."""
 
 
 def _options(
@@ -366,43 +315,86 @@ def _options(
     progress: bool,
     process_group: ProcessGroup | None,
     distributed: bool,
-    direct: bool,
+    return_info: bool,
 ) -> _Options:
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+    tol = check_tol(tol)
     group = reduction_group(process_group) if distributed else None
-    return _Options(num_batches, check_tol(tol), layers, forward, progress, group, direct)
+    errors = return_info or tol is not None
+    return _Options(num_batches, tol, layers, forward, progress, group, errors)
 
 
-Spec = tuple[nn.Module, Mapping[str, Tensor] | None, Mapping[str, Tensor] | None]
+Spec = tuple[nn.Module, Weights]
 """A model of a run, with the parameters and buffers to use instead of its own."""
 
 
-def _recompute_models(
-    specs: list[Spec], loader: Iterable[Any], options: _Options
-) -> list[BNBuffers]:
+class Folded(NamedTuple):
+    """What one model's part of a pass folded."""
+
+    stats: Stats
+    spreads: Spreads
+    batches: int
+    samples: int
+    skipped: list[tuple[int, str]]
+    """Batches skipped for one value per channel: loader index and why."""
+
+
+class _ModelPass:
+    """One model's part of a pass: its recorder, the weights it runs on, and its fold."""
+
+    def __init__(
+        self, recorder: Recorder, weights: Weights, *, expected: int, errors: bool
+    ) -> None:
+        self.recorder = recorder
+        self.resolved: Resolved = recorder.binding.resolve(weights)
+        self.device = self.resolved.device
+        rows = min(BLOCK, expected)
+        self.fold = recorder.fold(self.resolved, rows=rows, errors=errors, start=None, check=True)
+        self.used = self.samples = 0
+        self.skipped: list[tuple[int, str]] = []
+
+    def run(self, model: nn.Module, placed: Placed, index: int) -> None:
+        _, why = self.recorder.run_batch(model, placed.batch, self.fold, index=index)
+        if why is not None:
+            self.skipped.append((index, why))
+            return
+        self.used += 1
+        self.samples += leading_size(placed.leaves)
+
+    def folded(self) -> Folded:
+        return Folded(
+            self.fold.result(), self.fold.spreads(), self.used, self.samples, self.skipped
+        )
+
+
+def _recompute_models(specs: list[Spec], loader: Iterable[Any], options: _Options) -> list[Result]:
     """One pass over ``loader`` for every model of ``specs``; a result per model."""
-    runners = [
-        Runner(model, layers=options.layers, params=p, buffers=b, forward=options.forward)
-        for model, p, b in _bindable(specs)
-    ]
+    passes = []
+    expected = _expected_batches(loader, options.num_batches)
+    for model, weights in _bindable(specs):
+        recorder = Recorder(model, layers=options.layers, forward=options.forward)
+        passes.append(
+            _ModelPass(recorder, weights, expected=max(expected, 1), errors=options.errors)
+        )
     group = options.group
     stopper = Stopper(options.tol, group=group) if options.tol is not None else None
     try:
-        outcomes = accumulate(
-            runners,
-            loader,
-            num_batches=options.num_batches,
-            progress=options.progress,
-            direct=options.direct,
-            stopper=stopper,
+        _pass(
+            passes, _iterate(loader), expected=expected, progress=options.progress, stopper=stopper
         )
     except Exception as error:
         # The other ranks raise too, instead of waiting for this one; unless the error is
         # the group's own (a check under tol= found another rank failed): all ranks have it.
         if group is not None and not isinstance(error, GroupError):
-            abandon(tagged([init(r.bn_buffers) for r in runners]), group=group)
+            abandon(
+                tagged([init(p.recorder.binding.bn_buffers(p.resolved)) for p in passes]),
+                group=group,
+            )
         raise
+    outcomes = [p.folded() for p in passes]
+    for i, p in enumerate(passes):
+        _warn_skipped(p.skipped, model=None if len(passes) == 1 else i)
     pooled = [(o.stats, o.spreads, o.batches, o.samples) for o in outcomes]
     if group is not None:
         reduced = reduce_run(
@@ -410,39 +402,95 @@ def _recompute_models(
             batches=sum(o.batches for o in outcomes),
             samples=sum(o.samples for o in outcomes),
             group=group,
-            spreads=tagged([o.spreads for o in outcomes]),
+            spreads=tagged([o.spreads for o in outcomes]) if options.errors else None,
             models=[(o.batches, o.samples) for o in outcomes],
         )
         count = len(outcomes)
+        per_model = untagged(reduced.spreads, count) if options.errors else [{}] * count
         pooled = [
             (stats, spreads, used, samples)
             for stats, spreads, (used, samples) in zip(
-                untagged(reduced.stats, count),
-                untagged(reduced.spreads, count),
-                reduced.models,
-                strict=True,
+                untagged(reduced.stats, count), per_model, reduced.models, strict=True
             )
         ]
     results = []
-    for i, (runner, outcome, (stats, spreads, used, samples)) in enumerate(
-        zip(runners, outcomes, pooled, strict=True)
+    for i, (p, outcome, (stats, spreads, used, samples)) in enumerate(
+        zip(passes, outcomes, pooled, strict=True)
     ):
-        with _warnings_of(None if len(runners) == 1 else i):
-            results.append(_result(runner, outcome, stats, spreads, used, samples, options=options))
+        with _warnings_of(None if len(passes) == 1 else i):
+            results.append(_result(p, outcome, stats, spreads, used, samples, options=options))
     return results
 
 
+def _pass(
+    passes: list[_ModelPass],
+    batches: Iterator[Any],
+    *,
+    expected: int,
+    progress: bool,
+    stopper: Stopper | None,
+) -> None:
+    """Up to ``expected`` batches through every model (fewer batches when ``stopper`` says
+    every model's statistics are precise enough)."""
+    chosen: Iterator[Any] = itertools.islice(batches, expected)
+    if progress:
+        chosen = _progress_bar(chosen, total=expected)
+    devices = list(dict.fromkeys(p.device for p in passes))
+
+    def loop(models: list[nn.Module]) -> None:
+        held = 0
+        pending: list[tuple[int, dict[torch.device, Placed]]] = []
+
+        def run_pending() -> None:
+            # Model by model over the held batches: each model's weights stay in the cache.
+            for p, model in zip(passes, models, strict=True):
+                for index, placed in pending:
+                    p.run(model, placed[p.device], index)
+            pending.clear()
+
+        for index, raw in enumerate(chosen):
+            placed = {device: place(raw, device) for device in devices}
+            if index == 0:
+                check_unbatched(next(iter(placed.values())).leaves)
+            pending.append((index, placed))
+            held += sum(_nbytes(p.leaves) for p in placed.values())
+            read = index + 1
+            if len(passes) > 1 and read % BLOCK and held <= HOLD_BYTES:
+                continue  # several models: hold the batch for the next round
+            run_pending()
+            held = 0
+            if stopper is not None and read % BLOCK == 0 and stopper.at_pool(_progress(passes)):
+                break
+        else:
+            run_pending()
+            if stopper is not None:  # under torch.distributed: until every rank stops
+                stopper.finish(_progress(passes))
+        for p in passes:
+            check_followed(p.recorder.binding.reads, p.fold.recorded)
+
+    with torch.no_grad():
+        bind([(p.recorder.binding, p.resolved, p.fold) for p in passes], loop)
+
+
+def _progress(passes: list[_ModelPass]) -> list[tuple[Fold, int, int]]:
+    return [(p.fold, p.used, p.samples) for p in passes]
+
+
+def _nbytes(leaves: list[Any]) -> int:
+    return sum(leaf.nbytes for leaf in leaves if isinstance(leaf, torch.Tensor))
+
+
 def _result(
-    runner: Runner,
-    outcome: Outcome,
+    p: _ModelPass,
+    outcome: Folded,
     stats: Stats,
     spreads: Spreads,
     used: int,
     samples: int,
     *,
     options: _Options,
-) -> BNBuffers:
-    """One model's buffers from its (reduced) statistics."""
+) -> Result:
+    """One model's buffers and info from its (reduced) statistics."""
     if used == 0:
         where = " on any rank" if options.group else ""
         if outcome.skipped:
@@ -451,18 +499,20 @@ def _result(
     logger.info(
         "recomputed %d BatchNorm layers over %d batches (%d samples)", len(stats), used, samples
     )
-    new = finalize(stats, like=runner.bn_buffers)
-    devices = {key: t.device for key, t in runner.bn_buffers.items()}
+    like = p.recorder.binding.bn_buffers(p.resolved)
+    new = finalize(stats, like=like)
     converged = None
-    tol = options.tol
-    if tol is not None:
+    if options.tol is not None:
         found = worst(stats, spreads)
-        converged = reached(found, used=used, tol=tol)
+        converged = reached(found, used=used, tol=options.tol)
         if not converged:
-            warn_not_converged(found, tol=tol, batches=used)
-    result = BNBuffers(new, num_batches=used, num_samples=samples, converged=converged)
-    result._errors = ErrorsLater(compute=lambda: standard_errors(stats, spreads, devices=devices))
-    return result
+            warn_not_converged(found, tol=options.tol, batches=used)
+    stderr: dict[str, Tensor] = {}
+    n_eff: dict[str, float] = {}
+    if options.errors:
+        devices = {key: t.device for key, t in like.items()}
+        stderr, n_eff = standard_errors(stats, spreads, devices=devices)
+    return new, RunInfo(used, samples, converged, stderr, n_eff)
 
 
 @contextlib.contextmanager
@@ -478,6 +528,47 @@ def _warnings_of(model: int | None) -> Iterator[None]:
         warnings.warn(f"model {model}: {warning.message}", warning.category, stacklevel=5)
 
 
+def _warn_skipped(skipped: list[tuple[int, str]], *, model: int | None) -> None:
+    if not skipped:
+        return
+    shown = "; ".join(f"batch {i}: {why}" for i, why in skipped[:3])
+    more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    whose = "" if model is None else f"model {model}: "
+    warnings.warn(
+        f"{whose}{len(skipped)} batch(es) skipped ({shown}{more}); their values are not "
+        "pooled, because later layers would have seen degenerate inputs. A last batch "
+        "of one sample is the usual cause: drop_last=True avoids it",
+        UserWarning,
+        stacklevel=5,
+    )
+
+
+def _iterate(loader: Iterable[Any]) -> Iterator[Any]:
+    try:
+        return iter(loader)
+    except TypeError:
+        raise TypeError(
+            f"loader must be an iterable of batches, got {type(loader).__name__}"
+        ) from None
+
+
+def _expected_batches(loader: Iterable[Any], num_batches: int) -> int:
+    try:
+        return min(len(loader), num_batches)  # type: ignore[arg-type]
+    except TypeError:
+        return num_batches
+
+
+def _progress_bar(batches: Iterable[Any], *, total: int) -> Iterator[Any]:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ImportError(
+            "progress=True needs the tqdm package: pip install 'precisebn[progress]'"
+        ) from None
+    return iter(tqdm(batches, total=total, desc="precise BN", unit="batch"))
+
+
 def _bindable(specs: list[Spec]) -> list[Spec]:
     """``specs`` with a module that appears again replaced by a skeleton copy: the run binds
     every model at once, and one module can hold one binding only. A skeleton has the
@@ -485,14 +576,14 @@ def _bindable(specs: list[Spec]) -> list[Spec]:
     takes every parameter and buffer from the spec (the module's own where not given)."""
     seen: set[int] = set()
     out: list[Spec] = []
-    for model, params, buffers in specs:
+    for model, (params, buffers) in specs:
         if id(model) not in seen:
             seen.add(id(model))
-            out.append((model, params, buffers))
+            out.append((model, Weights(params, buffers)))
             continue
         full_params = {**dict(model.named_parameters()), **(params or {})}
         full_buffers = {**dict(model.named_buffers()), **(buffers or {})}
-        out.append((_skeleton(model), full_params, full_buffers))
+        out.append((_skeleton(model), Weights(full_params, full_buffers)))
     return out
 
 
@@ -529,34 +620,22 @@ def _per_model(
 
 
 def _recompute_transformed(
-    model: nn.Module,
-    loader: Iterable[Any],
-    params: Mapping[str, Tensor] | None,
-    buffers: Mapping[str, Tensor] | None,
-    options: _Options,
-) -> BNBuffers:
+    model: nn.Module, loader: Iterable[Any], stacked: Weights, options: _Options
+) -> Result:
     """`recompute_bn_buffers` for transformed weights: every member in one pass."""
-    results: list[BNBuffers] = []
+    results: list[Result] = []
 
     def many(members: list[dict[str, Tensor]]) -> list[list[Tensor]]:
-        specs: list[Spec] = [(model, p, b) for p, b in [split_weights(m) for m in members]]
+        specs: list[Spec] = [(model, Weights(*split_weights(m))) for m in members]
         results[:] = _recompute_models(specs, loader, options)
-        return [list(new.values()) for new in results]
+        return [list(new.values()) for new, _ in results]
 
-    outputs = per_member(many, weights(params, buffers))
-    first = results[0]
-    converged = None if options.tol is None else all(bool(r.converged) for r in results)
-    out = BNBuffers(
-        dict(zip(first, outputs, strict=True)),
-        num_batches=first.num_batches,
-        num_samples=first.num_samples,
-        converged=converged,
-    )
-    if len(results) == 1:
-        out._errors = first._errors
-    else:
-        keys = list(first)
-        out._errors = ErrorsLater(
-            compute=lambda: ({k: torch.stack([r.stderr[k] for r in results]) for k in keys}, {})
-        )
-    return out
+    outputs = per_member(many, weights_of(stacked.params, stacked.buffers))
+    first, info = results[0]
+    converged = None if options.tol is None else all(bool(i.converged) for _, i in results)
+    stderr = info.stderr
+    if len(results) > 1 and stderr:
+        stderr = {k: torch.stack([i.stderr[k] for _, i in results]) for k in stderr}
+    n_eff = info.n_eff if len(results) == 1 else {}
+    new = dict(zip(first, outputs, strict=True))
+    return new, RunInfo(info.num_batches, info.num_samples, converged, stderr, n_eff)

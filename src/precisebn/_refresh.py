@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from precisebn._batches import Forward
-from precisebn._buffers import BNBuffers, apply_bn_buffers, bn_buffers
+from precisebn._buffers import RunInfo, apply_bn_buffers, bn_buffers
 from precisebn._recompute import recompute_bn_buffers
 from precisebn._report import eps_by_layer, report
 
@@ -23,9 +23,10 @@ def refresh(
     tol: float | None,
     forward: Forward | None,
     eval_mode: bool,
-) -> tuple[BNBuffers, float]:
-    """Recompute ``model``'s BN statistics and write them into it; return the result and
-    the largest shift of a layer's mean, in units of its new standard deviation.
+) -> tuple[dict[str, Tensor], RunInfo, float]:
+    """Recompute ``model``'s BN statistics and write them into it; return the buffers, what
+    the run used, and the largest shift of a layer's mean, in units of its new standard
+    deviation.
 
     With ``eval_mode`` the rest of the model runs in eval mode (dropout off) during the
     recompute; every module's flag is restored afterwards, also on error.
@@ -35,10 +36,12 @@ def refresh(
     if eval_mode:
         model.eval()
     try:
-        new = recompute_bn_buffers(model, loader, num_batches=num_batches, tol=tol, forward=forward)
+        new, info = recompute_bn_buffers(
+            model, loader, num_batches=num_batches, tol=tol, forward=forward, return_info=True
+        )
     finally:
         for module, training in modes:
             module.training = training
     apply_bn_buffers(model, new)
     moved = report(old, new, eps=eps_by_layer(model))
-    return new, max((row.shift_max for row in moved), default=0.0)
+    return new, info, max((row.shift_max for row in moved), default=0.0)

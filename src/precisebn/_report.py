@@ -11,12 +11,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from precisebn._layers import buffer_key
+from precisebn._buffers import RunInfo
+from precisebn._layers import MEAN, VAR, buffer_key, layers_of
 
 DEFAULT_EPS = 1e-5
 """The ``eps`` of a layer that ``eps=`` does not name: PyTorch's default."""
-
-_MEAN, _VAR = "running_mean", "running_var"
 
 _LEGEND = (
     "  shift: |old mean - new mean| / new std, per channel (0: unchanged)",
@@ -175,6 +174,7 @@ def report(
     old: Mapping[str, Tensor],
     new: Mapping[str, Tensor],
     *,
+    info: RunInfo | None = None,
     eps: float | Mapping[str, float] = DEFAULT_EPS,
     top: int | None = None,
 ) -> Report:
@@ -183,10 +183,9 @@ def report(
     Per channel, the shift of the mean is measured in new standard deviations,
     ``|old mean - new mean| / sqrt(new var + eps)``, and the change of the variance as the
     ratio ``(old var + eps) / (new var + eps)``; each row summarises one layer over its
-    channels. When ``new`` carries standard errors (``new.stderr``, as a `BNBuffers` from
-    `recompute_bn_buffers` may), each row also gives the worst channel's relative standard
-    error, and with ``new.n_eff`` the effective number of independent values. All figures
-    are computed in float64 on the CPU.
+    channels. With the `RunInfo` of the run (``return_info=True``), each row also gives
+    the worst channel's relative standard error and the effective number of independent
+    values. All figures are computed in float64 on the CPU.
 
     Args:
         old: the buffers before, keyed ``"<layer>.running_mean"`` and
@@ -194,6 +193,7 @@ def report(
             new ones, or a checkpoint's state dict (other keys are ignored).
         new: the recomputed buffers, e.g. from `recompute_bn_buffers`, or any mapping with
             such keys. Its layers, in its order, are the rows.
+        info: the run's `RunInfo`, for the standard errors and ``n_eff``.
         eps: each layer's ``eps``: one value for all, or a mapping from layer name to
             ``eps`` (a name missing from it gets 1e-5).
         top: how many of the layers that moved most ``str()`` flags with ``*``
@@ -217,17 +217,18 @@ def report(
         ...     "bn.running_var": torch.tensor([4.0, 1.0]),
         ...     "bn.num_batches_tracked": torch.tensor(100),
         ... }
-        >>> new = precisebn.BNBuffers(
-        ...     {"bn.running_mean": torch.zeros(2), "bn.running_var": torch.ones(2)},
+        >>> new = {"bn.running_mean": torch.zeros(2), "bn.running_var": torch.ones(2)}
+        >>> info = precisebn.RunInfo(
         ...     num_batches=10,
         ...     num_samples=640,
+        ...     converged=None,
         ...     stderr={
         ...         "bn.running_mean": torch.full((2,), 0.01),
         ...         "bn.running_var": torch.full((2,), 0.05),
         ...     },
         ...     n_eff={"bn": 640.0},
         ... )
-        >>> rep = precisebn.report(old, new, eps=0.0)
+        >>> rep = precisebn.report(old, new, info=info, eps=0.0)
         >>> rep[0].shift_mean, rep[0].shift_max, rep[0].ratio_max
         (1.0, 2.0, 4.0)
         >>> print(rep)  # doctest: +ELLIPSIS
@@ -240,16 +241,16 @@ def report(
           n_eff: effective number of independent values per channel (median over channels)
           *: moved most (the largest shift or |log var ratio|)
         >>> row = rep.to_dict()["bn"]
-        >>> row["n_eff"], precisebn.report(old, dict(new))[0].rel_error
+        >>> row["n_eff"], precisebn.report(old, new)[0].rel_error
         (640.0, None)
     """
     if top is not None and top < 0:
         raise ValueError(f"top must be a non-negative number of layers, got {top}")
-    stderr: Mapping[str, Tensor] = getattr(new, "stderr", None) or {}
-    n_eff: Mapping[str, float] = getattr(new, "n_eff", None) or {}
+    stderr: Mapping[str, Tensor] = info.stderr if info is not None else {}
+    n_eff: Mapping[str, float] = info.n_eff if info is not None else {}
     rows = []
-    for layer in _layers(new):
-        keys = buffer_key(layer, _MEAN), buffer_key(layer, _VAR)
+    for layer in layers_of(new):
+        keys = buffer_key(layer, MEAN), buffer_key(layer, VAR)
         missing = [key for key in keys if key not in old]
         if missing:
             raise KeyError(
@@ -288,17 +289,6 @@ def report(
             )
         )
     return Report(tuple(rows), top=top)
-
-
-def _layers(buffers: Mapping[str, Tensor]) -> list[str]:
-    """The names of the layers whose ``running_mean`` is in ``buffers``, in its order."""
-    layers = []
-    for key in buffers:
-        if key == _MEAN:
-            layers.append("")
-        elif key.endswith("." + _MEAN):
-            layers.append(key[: -len(_MEAN) - 1])
-    return layers
 
 
 def _float64(value: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ mean itself, where they are best conditioned.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -38,7 +38,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from precisebn._layers import STAT_NAMES, buffer_key
-from precisebn._moments import Moments, Stats
+from precisebn._layout import Layout
+from precisebn._moments import Moments, Stats, joined
 
 __all__ = [
     "MIN_BATCHES",
@@ -47,7 +48,6 @@ __all__ = [
     "Spreads",
     "accumulate",
     "evaluate",
-    "merge_spread",
     "recenter",
     "relative_errors",
     "standard_errors",
@@ -122,11 +122,6 @@ def recenter(s: Spread, center: Tensor) -> Spread:
     )
 
 
-def merge_spread(a: Spread, b: Spread) -> Spread:
-    """The sums of both sets of batches, about ``a.center``."""
-    return accumulate(a, b)
-
-
 class Errors(NamedTuple):
     """Standard errors of one layer's recomputed buffers, per channel (float64 ``[C]``)."""
 
@@ -188,25 +183,17 @@ def standard_errors(
     if not names:
         return {}, {}
     # All layers end to end: a few operations whatever the number of layers.
-    device = stats[names[0]].mean.device
-
-    def flat(part: Callable[[str], Tensor]) -> Tensor:
-        return torch.cat([part(layer).to(device).reshape(-1) for layer in names])
-
-    moments = Moments(
-        flat(lambda layer: stats[layer].count.expand_as(stats[layer].mean)),
-        flat(lambda layer: stats[layer].mean),
-        flat(lambda layer: stats[layer].m2),
-    )
+    layout = Layout.of({name: stats[name].mean for name in names})
+    moments = joined({name: stats[name] for name in names}, layout)
+    device = moments.mean.device
     fields = range(len(Spread._fields))
-    sums = Spread(*(torch.cat([spreads[n][i].to(device) for n in names]) for i in fields))
+    sums = Spread(*(layout.join(spreads[n][i].to(device) for n in names) for i in fields))
     errors = evaluate(moments, sums)
-    sizes = [stats[layer].mean.numel() for layer in names]
     out: dict[str, Tensor] = {}
     for stat, values in zip(STAT_NAMES, (errors.mean, errors.var), strict=True):
-        for layer, value in zip(names, torch.split(values, sizes), strict=True):
+        for layer, value in zip(names, layout.split(values), strict=True):
             key = buffer_key(layer, stat)
             out[key] = value.to(devices[key]) if devices is not None else value
-    per_layer = pad_sequence(list(torch.split(errors.n_eff, sizes)), padding_value=math.nan)
+    per_layer = pad_sequence(layout.split(errors.n_eff), padding_value=math.nan)
     medians = per_layer.nanmedian(dim=0).values.tolist()
     return out, dict(zip(names, medians, strict=True))

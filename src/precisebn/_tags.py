@@ -7,37 +7,38 @@ of a private subclass that hold a copy of the caller's values and whose
 - **The batch-norm call** (``torch.nn.functional.batch_norm`` or ``torch.batch_norm`` with
   the layer's tags as running statistics) becomes a training-mode call with momentum 1 on
   rows that the run's sink provides, so the kernel itself leaves the batch mean and
-  unbiased variance there; the tag reads the number of values per channel from the input's
-  shape. The output is the one the model's own training-mode call gives, bit for bit: the
-  call passes the caller's weight and bias as they are and rows of the buffers' dtype.
-  Half-precision buffers get a second, float32 call for the statistics.
+  unbiased variance there. The number of values per channel is read from the input's
+  shape, on every call. The output is the one the model's own training-mode call gives,
+  bit for bit: the call passes the caller's weight and bias as they are and rows of the
+  buffers' dtype. Half-precision buffers get a second, float32 call for the statistics.
 - **Slices** ``running_mean[a:b:s]`` (or ``narrow``) give tags of the channels they cover,
   so slimmable and once-for-all layers that normalise the first ``c`` channels are
   recorded channel by channel.
 - **Any other use** reads the statistics outside the batch-norm call (a fused conv-bn
   module scales its weight by ``running_var``): it sees the caller's values, is reported to
-  the owner (such a run is never run directly), and must not write them.
+  the owner, and must not write them.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, TypeAlias
+from typing import Any, NamedTuple, Protocol
 
+import optree
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._pytree import tree_leaves
 
 from precisebn._guard import ForbiddenWriteError, Guard, Protection
+from precisebn._layers import MEAN, VAR
 
-__all__ = ["Call", "Entry", "Sink", "Tag", "TagOwner", "checking_torch_function", "make_tag"]
+__all__ = ["Call", "Sink", "Tag", "TagOwner", "make_tag"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _F_BATCH_NORM = inspect.signature(F.batch_norm)
-_ATEN_ORDER = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum")
-_F_ORDER = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum")
+_ATEN_ORDER = ("input", "weight", "bias", "running_mean", "running_var", "training")
+_F_ORDER = ("input", "running_mean", "running_var", "weight", "bias")
 _METADATA = frozenset(
     [
         Tensor.size,
@@ -69,11 +70,6 @@ _METADATA = frozenset(
         ),
     ]
 )
-MEAN, VAR = "running_mean", "running_var"
-
-Entry: TypeAlias = int | tuple[int, range]
-"""What one batch gave one layer: values per channel (0: not reached), with the channels
-covered when a call covered only some."""
 
 
 class Call(NamedTuple):
@@ -86,24 +82,13 @@ class Call(NamedTuple):
     """The layer's channels the call covers (all of them unless the buffers were sliced)."""
     full: bool
     """Whether ``span`` is every channel of the layer."""
-    size: int
-    """The layer's number of channels."""
-    factor: float
-    """The momentum argument: the factor a kernel would update the buffers with."""
-    training: bool
-    """The call's own training flag (the interception runs it in training mode anyway)."""
-
-    @property
-    def entry(self) -> Entry:
-        """The call's counts as a batch's entry for its layer."""
-        return self.count if self.full else (self.count, self.span)
 
 
 class Sink(Protocol):
     """Where intercepted calls put their batch moments."""
 
     def rows(self, call: Call, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Zeroed or stale ``(mean, var)`` vectors of ``len(call.span)`` for the kernel."""
+        """``(mean, var)`` vectors of ``len(call.span)`` for the kernel to write."""
         ...
 
     def degenerate(self, call: Call, shape: tuple[int, ...]) -> None:
@@ -120,10 +105,6 @@ class TagOwner(Protocol):
 
     def note_read(self, layer: str, operator: str) -> None:
         """Note that ``layer``'s statistics were used outside its batch-norm call."""
-        ...
-
-    def note_call(self, call: Call) -> None:
-        """Note a batch-norm call of a checked direct batch."""
         ...
 
 
@@ -151,92 +132,41 @@ class Tag(Guard):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
+        if func is F.batch_norm:
+            if len(args) == 3 and kwargs is not None:  # how F.batch_norm dispatches
+                get = kwargs.get
+                input, mean, var = args
+                return _batch_norm(input, mean, var, get("weight"), get("bias"), get("eps", 1e-5))
+            call = _F_BATCH_NORM.bind(*args, **(kwargs or {}))
+            call.apply_defaults()
+            return _batch_norm_named(call.arguments)
+        if func is torch.batch_norm:
+            named = dict(zip((*_ATEN_ORDER, "momentum", "eps"), args, strict=False))
+            named.update(kwargs or {})
+            return _batch_norm_named(named)
         kwargs = kwargs or {}
-        bound = _bound_batch_norm(func, args, kwargs)
-        if bound is not None:
-            return _batch_norm(*bound)
-        return _other(func, args, kwargs, outside=_outside)
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        sliced = _slice(func, args, kwargs)
+        if sliced is not None:
+            return sliced
+        return _outside(func, args, kwargs)
 
 
-def checking_torch_function(
-    cls: type[Tag],
-    func: Callable[..., Any],
-    types: Any,
-    args: tuple[Any, ...] = (),
-    kwargs: dict[str, Any] | None = None,
-) -> Any:
-    """The handler of a *checked* direct batch: batch-norm calls run as in a direct batch,
-    on the private statistics, and only report what they saw (`TagOwner.note_call`)."""
-    kwargs = kwargs or {}
-    bound = _bound_batch_norm(func, args, kwargs)
-    if bound is not None:
-        input, running_mean, running_var, weight, bias, training, momentum, eps = bound
-        mean_tag = _pair(running_mean, running_var)
-        call = _call(mean_tag, input, training, momentum)
-        mean_tag.owner.note_call(call)
-        if call.count < 2:  # the check fails; the stock call would raise
-            return _output_only(
-                input, weight, bias, mean_tag.buffer_dtype, eps, mean_tag.owner.cudnn
-            )
-    else:
-        result = _other(func, args, kwargs, outside=_note_outside)
-        if result is not _NOT_HANDLED:
-            return result
-    with torch._C.DisableTorchFunctionSubclass():
-        return func(*args, **kwargs)
-
-
-_NOT_HANDLED = object()
-Bound = tuple[Tensor, Any, Any, Any, Any, bool, float, float]
-"""A batch-norm call's ``(input, running_mean, running_var, weight, bias, training,
-momentum, eps)``."""
-
-
-def _bound_batch_norm(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Bound | None:
-    """The arguments of a batch-norm call, or ``None`` for any other call."""
-    if func is F.batch_norm:
-        if len(args) == 3:  # how F.batch_norm dispatches
-            get = kwargs.get
-            return (
-                *args,
-                get("weight"),
-                get("bias"),
-                get("training", False),
-                get("momentum", 0.1),
-                get("eps", 1e-5),
-            )
-        call = _F_BATCH_NORM.bind(*args, **kwargs)
-        call.apply_defaults()
-        return tuple(call.arguments.values())
-    if func is torch.batch_norm:
-        named = dict(zip((*_ATEN_ORDER, "eps"), args, strict=False)) | kwargs
-        return tuple(named[k] for k in (*_F_ORDER, "eps"))
-    return None
-
-
-def _other(
-    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, outside: Callable[..., Any]
-) -> Any:
-    """A call that is not a batch-norm call: metadata, a slice, or a read."""
-    if func in _METADATA:
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
-    sliced = _slice(func, args, kwargs)
-    if sliced is not None:
-        return sliced
-    return outside(func, args, kwargs)
-
-
-def make_tag(
-    tag_type: type[Tag], data: Tensor, *, layer: str, stat: str, span: range, owner: TagOwner
-) -> Tag:
-    """A tag of ``tag_type`` over ``data`` (a view of the run's private statistics)."""
+def make_tag(data: Tensor, *, layer: str, stat: str, span: range, owner: TagOwner) -> Tag:
+    """A tag over ``data`` (the run's private copy of a buffer, or a view of one)."""
     dtype = data.dtype
-    tag = data.as_subclass(tag_type)
+    tag = data.as_subclass(Tag)
     assert isinstance(tag, Tag)
     tag.layer, tag.stat, tag.span, tag.owner = layer, stat, span, owner
     tag.full, tag.num_channels, tag.buffer_dtype = True, len(span), dtype
     return tag
+
+
+def _batch_norm_named(named: dict[str, Any]) -> Tensor:
+    input, mean, var, weight, bias = (named[k] for k in _F_ORDER)
+    return _batch_norm(input, mean, var, weight, bias, named["eps"])
 
 
 def _batch_norm(
@@ -245,46 +175,32 @@ def _batch_norm(
     running_var: Any,
     weight: Tensor | None,
     bias: Tensor | None,
-    training: bool,
-    momentum: float | None,
     eps: float,
 ) -> Tensor:
+    """A recomputed layer's call: the kernel writes the batch moments into the sink's rows."""
     mean_tag = _pair(running_mean, running_var)
     owner = mean_tag.owner
-    call = _call(mean_tag, input, training, momentum)
-    buffers_dtype = mean_tag.buffer_dtype
-    if call.count < 2:
-        owner.sink.degenerate(call, tuple(input.shape))
-        return _output_only(input, weight, bias, buffers_dtype, eps, owner.cudnn)
-    stats_dtype = buffers_dtype if buffers_dtype not in _LOW_PRECISION else torch.float32
-    mean, var = owner.sink.rows(call, stats_dtype, input.device)
-    if stats_dtype == buffers_dtype:
-        # The op under F.batch_norm, in training mode with momentum 1: the kernel leaves the
-        # batch mean and unbiased variance in the rows.
-        return torch.batch_norm(input, weight, bias, mean, var, True, 1.0, eps, owner.cudnn)
-    torch.batch_norm(input, None, None, mean, var, True, 1.0, eps, owner.cudnn)
-    return _output_only(input, weight, bias, buffers_dtype, eps, owner.cudnn)
-
-
-def _call(mean_tag: Tag, input: Tensor, training: bool, momentum: float | None) -> Call:
-    """What one batch-norm call on ``mean_tag``'s channels sees."""
-    span, shape = mean_tag.span, input.shape
+    shape = input.shape
     channels = shape[1] if len(shape) >= 2 else 0
-    if channels != len(span):
+    if channels != len(mean_tag.span):
         raise ValueError(
             f"BatchNorm layer '{mean_tag.layer or '<model>'}': the input has "
             f"{channels} channels (shape {tuple(shape)}) but the running statistics "
-            f"passed cover {len(span)}"
+            f"passed cover {len(mean_tag.span)}"
         )
-    return Call(
-        mean_tag.layer,
-        input.numel() // channels,
-        span,
-        mean_tag.full,
-        mean_tag.num_channels,
-        float(momentum or 0.0),
-        bool(training),
-    )
+    call = Call(mean_tag.layer, input.numel() // channels, mean_tag.span, mean_tag.full)
+    dtype = mean_tag.buffer_dtype
+    if call.count < 2:
+        owner.sink.degenerate(call, tuple(shape))
+        return _output_only(input, weight, bias, dtype, eps, owner.cudnn)
+    if dtype not in _LOW_PRECISION:
+        # The op under F.batch_norm, in training mode with momentum 1: the kernel leaves the
+        # batch mean and unbiased variance in the rows.
+        mean, var = owner.sink.rows(call, dtype, input.device)
+        return torch.batch_norm(input, weight, bias, mean, var, True, 1.0, eps, owner.cudnn)
+    mean, var = owner.sink.rows(call, torch.float32, input.device)
+    torch.batch_norm(input, None, None, mean, var, True, 1.0, eps, owner.cudnn)
+    return _output_only(input, weight, bias, dtype, eps, owner.cudnn)
 
 
 def _output_only(
@@ -358,18 +274,9 @@ def _slice(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tag | No
         return None
     with torch._C.DisableTorchFunctionSubclass():
         view = func(*args)
-    sliced = make_tag(type(tag), view, layer=tag.layer, stat=tag.stat, span=span, owner=tag.owner)
+    sliced = make_tag(view, layer=tag.layer, stat=tag.stat, span=span, owner=tag.owner)
     sliced.num_channels, sliced.full = tag.num_channels, span == range(tag.num_channels)
     return sliced
-
-
-def _note_outside(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """In a checked direct batch, a read outside the batch-norm call is only noted (the
-    run starts again: earlier direct batches let such reads see the kernels' updates)."""
-    for tag in tree_leaves((args, kwargs)):
-        if isinstance(tag, Tag):
-            tag.owner.note_read(tag.layer, _name(func))
-    return _NOT_HANDLED
 
 
 def _name(func: Any) -> str:
@@ -378,7 +285,8 @@ def _name(func: Any) -> str:
 
 def _outside(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Any other call: a read of the caller's values, which must not write them."""
-    tags = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tag)]
+    leaves: list[Any] = optree.tree_leaves((args, kwargs))  # type: ignore[arg-type]
+    tags = [t for t in leaves if isinstance(t, Tag)]
     name = _name(func)
     for tag in tags:
         tag.owner.note_read(tag.layer, name)

@@ -28,15 +28,15 @@ change, and nothing changes when the loader or the forward raises.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from precisebn._batches import Forward
-from precisebn._buffers import BNBuffers, apply_bn_buffers
-from precisebn._layers import tracks_stats
+from precisebn._buffers import RunInfo, apply_bn_buffers
+from precisebn._layers import MEAN, parse_key, tracks_stats
 from precisebn._recompute import recompute_bn_buffers
 
 __all__ = ["update_bn", "update_bn_stats"]
@@ -126,7 +126,7 @@ def update_bn_stats(
 
     if not any(tracks_stats(m) and m.training for m in model.modules()):
         return
-    new = _recompute(
+    result = _recompute(
         model,
         data_loader,
         num_batches=num_iters,
@@ -134,12 +134,12 @@ def update_bn_stats(
         layers=training,
         progress=progress == "tqdm",
     )
-    if new.num_batches < num_iters:
+    if result[1].num_batches < num_iters:
         raise TooFewBatchesError(
             f"update_bn_stats is meant to run for {num_iters} iterations, but the data "
-            f"loader stopped at {new.num_batches} iterations; the model is unchanged"
+            f"loader stopped at {result[1].num_batches} iterations; the model is unchanged"
         )
-    _apply(model, new)
+    _apply(model, result)
 
 
 class TooFewBatchesError(ValueError, AssertionError):
@@ -154,9 +154,7 @@ def _recompute(
     forward: Forward,
     layers: Callable[[str, nn.Module], bool] | None = None,
     progress: bool = False,
-) -> BNBuffers:
-    # An iterator cannot be read twice, as a failed check of direct batches would need:
-    # its batches are all intercepted.
+) -> tuple[dict[str, Tensor], RunInfo]:
     return recompute_bn_buffers(
         model,
         loader,
@@ -164,18 +162,19 @@ def _recompute(
         layers=layers,
         forward=forward,
         progress=progress,
-        direct=not isinstance(loader, Iterator),
+        return_info=True,
     )
 
 
-def _apply(model: nn.Module, new: BNBuffers) -> None:
+def _apply(model: nn.Module, result: tuple[dict[str, Tensor], RunInfo]) -> None:
     """Write the statistics, and set each layer's counter to the batches used."""
+    new, info = result
     apply_bn_buffers(model, new)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for key in new:
-            if key == "running_mean" or key.endswith(".running_mean"):
-                layer = modules[key[: -len("running_mean")].rstrip(".")]
-                counter = getattr(layer, "num_batches_tracked", None)
+            parsed = parse_key(key)
+            if parsed is not None and parsed[1] == MEAN:
+                counter = getattr(modules[parsed[0]], "num_batches_tracked", None)
                 if isinstance(counter, Tensor):
-                    counter.fill_(new.num_batches)
+                    counter.fill_(info.num_batches)

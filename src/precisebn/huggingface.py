@@ -13,10 +13,10 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from precisebn._batches import Forward, default_forward
-from precisebn._buffers import BNBuffers
+from precisebn._buffers import RunInfo
 from precisebn._refresh import refresh
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class PreciseBNCallback(TrainerCallback):
 
     Each recompute adds ``precisebn/num_batches`` and ``precisebn/max_shift`` (the largest
     shift of a layer's mean, in units of its new standard deviation) to
-    ``trainer.state.log_history``; ``last`` holds the last result.
+    ``trainer.state.log_history``; ``last`` holds the last run's `precisebn.RunInfo`.
 
     Args:
         num_batches: the most batches per recompute.
@@ -90,8 +90,8 @@ class PreciseBNCallback(TrainerCallback):
         self.forward = forward
         self.dataloader = dataloader
         self.eval_mode = eval_mode
-        self.last: BNBuffers | None = None
-        """The result of the last recompute."""
+        self.last: RunInfo | None = None
+        """What the last recompute used, and whether it converged."""
         self._step: int | None = None
         self._shift = 0.0
 
@@ -114,11 +114,11 @@ class PreciseBNCallback(TrainerCallback):
                 "pass PreciseBNCallback(dataloader=...)"
             )
         labels = {*(getattr(args, "label_names", None) or ()), *_LABELS}
-        new = self.recompute(model, loader, labels=labels)
+        _, info = self.recompute(model, loader, labels=labels)
         self._step = state.global_step
         state.log_history.append(
             {
-                "precisebn/num_batches": new.num_batches,
+                "precisebn/num_batches": info.num_batches,
                 "precisebn/max_shift": self._shift,
                 "epoch": state.epoch,
                 "step": state.global_step,
@@ -127,9 +127,10 @@ class PreciseBNCallback(TrainerCallback):
 
     def recompute(
         self, model: nn.Module, loader: Iterable[Any], *, labels: Iterable[str] = _LABELS
-    ) -> BNBuffers:
-        """Recompute and apply the statistics of ``model`` over ``loader`` now."""
-        new, self._shift = refresh(
+    ) -> tuple[dict[str, Tensor], RunInfo]:
+        """Recompute and apply the statistics of ``model`` over ``loader`` now; return the
+        buffers and the run's info."""
+        new, info, self._shift = refresh(
             model,
             loader,
             num_batches=self.num_batches,
@@ -137,13 +138,13 @@ class PreciseBNCallback(TrainerCallback):
             forward=self.forward or _inputs_forward(frozenset(labels)),
             eval_mode=self.eval_mode,
         )
-        self.last = new
+        self.last = info
         logger.info(
             "PreciseBNCallback: recomputed over %d batches; largest shift %.3g std",
-            new.num_batches,
+            info.num_batches,
             self._shift,
         )
-        return new
+        return new, info
 
 
 def _inputs_forward(labels: frozenset[str]) -> Forward:

@@ -11,10 +11,10 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from precisebn._batches import Forward
-from precisebn._buffers import BNBuffers
+from precisebn._buffers import RunInfo
 from precisebn._refresh import refresh
 
 if TYPE_CHECKING:
@@ -63,7 +63,8 @@ class PreciseBN(Callback):
 
     Each recompute logs ``precisebn/num_batches``, ``precisebn/max_shift`` (the largest
     shift of a layer's mean, in units of its new standard deviation) and, with ``tol``,
-    ``precisebn/converged`` to the trainer's loggers; ``last`` holds the last result.
+    ``precisebn/converged`` to the trainer's loggers; ``last`` holds the last run's
+    `precisebn.RunInfo`.
 
     Args:
         num_batches: the most batches per recompute.
@@ -105,8 +106,8 @@ class PreciseBN(Callback):
         self.forward = forward
         self.dataloader = dataloader
         self.eval_mode = eval_mode
-        self.last: BNBuffers | None = None
-        """The result of the last recompute."""
+        self.last: RunInfo | None = None
+        """What the last recompute used, and whether it converged."""
         self._step: int | None = None  # the trainer's global step at the last recompute
 
     # ------------------------------------------------------------------- the hooks
@@ -132,15 +133,15 @@ class PreciseBN(Callback):
 
     # ------------------------------------------------------------------ the work
 
-    def recompute(self, trainer: Any, pl_module: nn.Module) -> BNBuffers:
-        """Recompute and apply the statistics now; return the result."""
+    def recompute(self, trainer: Any, pl_module: nn.Module) -> tuple[dict[str, Tensor], RunInfo]:
+        """Recompute and apply the statistics now; return the buffers and the run's info."""
         loader = self.dataloader if self.dataloader is not None else trainer.train_dataloader
         if loader is None:
             raise RuntimeError(
                 "PreciseBN found no batches: the trainer has no train dataloader yet; pass "
                 "PreciseBN(dataloader=...)"
             )
-        new, shift = refresh(
+        new, info, shift = refresh(
             pl_module,
             loader,
             num_batches=self.num_batches,
@@ -149,9 +150,9 @@ class PreciseBN(Callback):
             eval_mode=self.eval_mode,
         )
         self._step = trainer.global_step
-        self.last = new
-        self._log(trainer, shift, new)
-        return new
+        self.last = info
+        self._log(trainer, shift, info)
+        return new, info
 
     def _forward(self, pl_module: nn.Module) -> Forward | None:
         if self.forward is not None:
@@ -160,14 +161,14 @@ class PreciseBN(Callback):
             return _module_hook
         return None
 
-    def _log(self, trainer: Any, shift: float, new: BNBuffers) -> None:
-        metrics = {"precisebn/num_batches": float(new.num_batches), "precisebn/max_shift": shift}
-        if new.converged is not None:
-            metrics["precisebn/converged"] = float(new.converged)
+    def _log(self, trainer: Any, shift: float, info: RunInfo) -> None:
+        metrics = {"precisebn/num_batches": float(info.num_batches), "precisebn/max_shift": shift}
+        if info.converged is not None:
+            metrics["precisebn/converged"] = float(info.converged)
         for sink in getattr(trainer, "loggers", []):
             sink.log_metrics(metrics, step=trainer.global_step)
         logger.info(
-            "PreciseBN: recomputed over %d batches; largest shift %.3g std", new.num_batches, shift
+            "PreciseBN: recomputed over %d batches; largest shift %.3g std", info.num_batches, shift
         )
 
 
