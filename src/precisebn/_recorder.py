@@ -88,17 +88,20 @@ class Recorder:
         Raises:
             ValueError: ``state`` holds other layers than the recorder's.
         """
+        return self._update(state, batch, Weights(params, buffers), stacklevel=3)
+
+    def _update(self, state: Stats, batch: Any, weights: Weights, *, stacklevel: int) -> Stats:
         _check_state(state, self.layers)
         check_unbatched(optree.tree_leaves(batch, none_is_leaf=True))
         with torch.no_grad():
-            if is_transformed(params, buffers):
-                _, moments, skipped = self._transformed(batch, Weights(params, buffers), fill=True)
+            if is_transformed(*weights):
+                _, moments, skipped = self._transformed(batch, weights, fill=True)
                 state = dict(state) if skipped else merge(state, moments)
             else:
-                _, moments, skipped = self._one(batch, Weights(params, buffers), start=state)
+                _, moments, skipped = self._one(batch, weights, start=state)
                 state = dict(state) if skipped else moments
         if skipped:
-            warnings.warn(f"the batch was skipped: {skipped}", UserWarning, stacklevel=2)
+            warnings.warn(f"the batch was skipped: {skipped}", UserWarning, stacklevel=stacklevel)
         return state
 
     def capture(
@@ -316,14 +319,8 @@ def update(
         >>> stats["1"].count.item()
         50.0
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        new = Recorder(model, layers=list(stats), forward=forward).update(
-            stats, batch, params=params, buffers=buffers
-        )
-    for warning in caught:
-        warnings.warn(warning.message, warning.category, stacklevel=2)
-    return new
+    rec = Recorder(model, layers=list(stats), forward=forward)
+    return rec._update(stats, batch, Weights(params, buffers), stacklevel=3)
 
 
 def capture(
