@@ -1,8 +1,8 @@
 """How many batches? The standard errors precisebn reports, what they cost, and ``tol=``.
 
-- **Cost.** The default run against the same run with the standard-error sums switched
-  off (``precisebn._fold.ERRORS = False``), side by side with the floor; the ratio of the
-  two is paired per round.
+- **Cost.** The same run with ``return_info=True`` (which adds the standard-error sums)
+  against the default run (which does not), side by side with the floor; the ratio of
+  the two is paired per round.
 - **Batches to reach tol.** Runs with ``tol=`` on a lazy stream of fresh batches, capped:
   how many batches each used, whether it converged, and its worst channel's relative
   standard error.
@@ -28,15 +28,14 @@ import torch
 from torch import Tensor, nn
 
 import precisebn
-import precisebn._fold as fold_module
 from bench.methods import bn_layers, floor, run_precisebn
 from bench.models import CNN, MLP, Workload, iter_batches, make_batches, make_model
 from bench.timing import interleaved, speed_row
 
 ERRORS_TARGET = 1.01
-"""What the standard errors may cost: precisebn / precisebn without them, per round."""
+"""What the standard errors may cost: precisebn with them / without them, per round."""
 COST_ROUNDS = 3
-"""The cost figure runs this many times the bench's rounds."""
+"""The full run's cost figure runs this many times the bench's rounds."""
 SIZES = (16, 32, 64, 128, 256)
 """Batches per run in the reported-against-actual figure (those above ``long / 4`` dropped)."""
 RUNS = 4
@@ -46,20 +45,22 @@ REFERENCE_SEED = 10_000
 """Seed of the long reference run's batches; the shorter runs draw from other seeds."""
 
 
-def without_errors(model: nn.Module, batches: Sequence[Tensor]) -> dict[str, Tensor]:
-    """`run_precisebn` with the standard-error sums switched off."""
-    saved = fold_module.ERRORS
-    fold_module.ERRORS = False
-    try:
-        return run_precisebn(model, batches)
-    finally:
-        fold_module.ERRORS = saved
+Result = tuple[dict[str, Tensor], precisebn.RunInfo]
+"""A run's buffers and its info (``return_info=True``)."""
+
+
+def with_errors(model: nn.Module, batches: Sequence[Tensor]) -> dict[str, Tensor]:
+    """`run_precisebn` with ``return_info=True``: the standard errors are computed."""
+    new, _info = precisebn.recompute_bn_buffers(
+        model, batches, num_batches=len(batches), return_info=True
+    )
+    return new
 
 
 def cost(rows: Sequence[tuple[Workload, int, int]], *, repeats: int) -> list[dict[str, Any]]:
-    """Speed rows of the floor, precisebn and precisebn without errors, plus per-round
-    ratios precisebn / without errors (``errors_ratios``) and their summary."""
-    methods = {"floor": floor, "precisebn": run_precisebn, "without errors": without_errors}
+    """Speed rows of the floor, precisebn (no errors) and precisebn with errors, plus
+    per-round ratios with errors / precisebn (``errors_ratios``) and their summary."""
+    methods = {"floor": floor, "precisebn": run_precisebn, "with errors": with_errors}
     out: list[dict[str, Any]] = []
     for workload, batch, n in rows:
         model = make_model(workload)
@@ -69,14 +70,14 @@ def cost(rows: Sequence[tuple[Workload, int, int]], *, repeats: int) -> list[dic
         ratios = [
             a / b
             for a, b in zip(
-                timings["precisebn"].seconds, timings["without errors"].seconds, strict=True
+                timings["with errors"].seconds, timings["precisebn"].seconds, strict=True
             )
         ]
         row["errors_ratios"] = ratios
         row["errors_ratio"] = statistics.median(ratios)
         # The paired ratio's share of a run without errors, per batch: the noise of one
         # method's median does not enter.
-        per_batch = timings["without errors"].median / n
+        per_batch = timings["precisebn"].median / n
         row["errors_us_per_batch"] = (row["errors_ratio"] - 1) * per_batch * 1e6
         out.append(row)
         print(f"  errors: cost, {row['workload']} done", flush=True)
@@ -106,20 +107,21 @@ def values_per_sample(workload: Workload, model: nn.Module) -> dict[str, int]:
     return sizes
 
 
-def _layers(new: precisebn.BNBuffers) -> list[str]:
+def _layers(info: precisebn.RunInfo) -> list[str]:
     suffix = ".running_mean"
-    return [key[: -len(suffix)] for key in new.stderr if key.endswith(suffix)]
+    return [key[: -len(suffix)] for key in info.stderr if key.endswith(suffix)]
 
 
-def worst_relative_error(new: precisebn.BNBuffers) -> tuple[float, str]:
+def worst_relative_error(result: Result) -> tuple[float, str]:
     """The largest ``max(stderr(mean) / std, stderr(var) / var)`` over channels, and its
     layer (channels without values are skipped)."""
+    new, info = result
     worst, where = -math.inf, ""
-    for layer in _layers(new):
+    for layer in _layers(info):
         var = new[f"{layer}.running_var"].double()
         rel = torch.maximum(
-            new.stderr[f"{layer}.running_mean"] / var.sqrt(),
-            new.stderr[f"{layer}.running_var"] / var,
+            info.stderr[f"{layer}.running_mean"] / var.sqrt(),
+            info.stderr[f"{layer}.running_var"] / var,
         )
         rel = rel[~rel.isnan()]
         if rel.numel() and rel.max().item() > worst:
@@ -129,11 +131,14 @@ def worst_relative_error(new: precisebn.BNBuffers) -> tuple[float, str]:
 
 def _quiet_run(
     model: nn.Module, batches: Any, *, num_batches: int, tol: float | None = None
-) -> precisebn.BNBuffers:
-    """A recompute run; not reaching ``tol`` warns, which a bench expects and ignores."""
+) -> Result:
+    """A recompute run with its info; not reaching ``tol`` warns, which a bench expects
+    and ignores."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return precisebn.recompute_bn_buffers(model, batches, num_batches=num_batches, tol=tol)
+        return precisebn.recompute_bn_buffers(
+            model, batches, num_batches=num_batches, tol=tol, return_info=True
+        )
 
 
 def n_eff_rows(
@@ -157,42 +162,42 @@ def batches_to_tol(
     """One ``tol=`` run on a lazy stream of at most ``cap`` fresh batches."""
     model = make_model(workload)
     start = time.perf_counter()
-    new = _quiet_run(
+    result = _quiet_run(
         model, iter_batches(workload, [batch] * cap, seed=seed), num_batches=cap, tol=tol
     )
     wall = time.perf_counter() - start
-    worst, layer = worst_relative_error(new)
+    worst, layer = worst_relative_error(result)
+    info = result[1]
     # Errors shrink as 1/sqrt(B): the batches a run that missed tol would have needed.
-    needed = new.num_batches * (worst / tol) ** 2
+    needed = info.num_batches * (worst / tol) ** 2
     return {
         "workload": f"{workload.name} batch {batch}",
         "tol": tol,
         "cap": cap,
-        "num_batches": new.num_batches,
-        "converged": new.converged,
+        "num_batches": info.num_batches,
+        "converged": info.converged,
         "worst": worst,
         "worst_layer": layer,
-        "needed": needed if not new.converged else None,
+        "needed": needed if not info.converged else None,
         "wall_s": wall,
-        "n_eff": n_eff_rows(new.n_eff, values_per_sample(workload, model), new.num_samples),
+        "n_eff": n_eff_rows(info.n_eff, values_per_sample(workload, model), info.num_samples),
     }
 
 
-def _relative(
-    new: precisebn.BNBuffers, ref: precisebn.BNBuffers
-) -> dict[str, tuple[Tensor, Tensor]]:
+def _relative(result: Result, ref: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     """Per statistic, (reported, actual) relative errors of every channel of every layer,
     both on the reference's scale: ``/ std_ref`` for the mean, ``/ var_ref`` for the var."""
+    new, info = result
     parts: dict[str, tuple[list[Tensor], list[Tensor]]] = {"mean": ([], []), "var": ([], [])}
-    for layer in _layers(new):
+    for layer in _layers(info):
         mean_key, var_key = f"{layer}.running_mean", f"{layer}.running_var"
         var_ref = ref[var_key].double()
         std_ref = var_ref.sqrt()
         reported, actual = parts["mean"]
-        reported.append(new.stderr[mean_key] / std_ref)
+        reported.append(info.stderr[mean_key] / std_ref)
         actual.append((new[mean_key].double() - ref[mean_key].double()).abs() / std_ref)
         reported, actual = parts["var"]
-        reported.append(new.stderr[var_key] / var_ref)
+        reported.append(info.stderr[var_key] / var_ref)
         actual.append((new[var_key].double() - var_ref).abs() / var_ref)
     return {stat: (torch.cat(r), torch.cat(a)) for stat, (r, a) in parts.items()}
 
@@ -225,7 +230,7 @@ def error_vs_batches(
         iter_batches(workload, [batch] * long, seed=REFERENCE_SEED),
         num_batches=long,
     )
-    ref_reported = _relative(ref, ref)
+    ref_reported = _relative(ref, ref[0])
     rows = []
     n_eff: list[dict[str, Any]] = []
     kept = [b for b in sizes if b <= long // 4]
@@ -238,10 +243,10 @@ def error_vs_batches(
         for r in range(runs):
             seed = REFERENCE_SEED + 1 + i * runs + r
             new = _quiet_run(model, iter_batches(workload, [batch] * b, seed=seed), num_batches=b)
-            for stat, (reported, actual) in _relative(new, ref).items():
+            for stat, (reported, actual) in _relative(new, ref[0]).items():
                 samples[stat][0].append(reported)
                 samples[stat][1].append(actual)
-            for layer, value in new.n_eff.items():
+            for layer, value in new[1].n_eff.items():
                 by_layer.setdefault(layer, []).append(value)
         # Kept from the last (longest) batch count: per layer the median over its runs.
         medians = {layer: statistics.median(values) for layer, values in by_layer.items()}
@@ -271,10 +276,12 @@ def error_vs_batches(
 def run(*, quick: bool, repeats: int) -> dict[str, Any]:
     """Every figure of this module, as JSON-serialisable results."""
     cost_rows = [(CNN, 32, 8), (MLP, 128, 100)] if quick else [(CNN, 32, 32), (MLP, 128, 200)]
-    caps = {CNN.name: 256, MLP.name: 1024} if quick else {CNN.name: 1024, MLP.name: 4096}
+    caps = {CNN.name: 64, MLP.name: 1024} if quick else {CNN.name: 1024, MLP.name: 4096}
     curves = [(MLP, 128, 1024)] if quick else [(CNN, 32, 1024), (MLP, 128, 2048)]
-    # A 1% difference is within one round's noise on a shared machine: triple the rounds.
-    out: dict[str, Any] = {"cost": cost(cost_rows, repeats=COST_ROUNDS * repeats)}
+    # A 1% difference is within one round's noise on a shared machine: triple the rounds
+    # (not in the quick run, which only has to show that the figure works).
+    rounds = repeats if quick else COST_ROUNDS * repeats
+    out: dict[str, Any] = {"cost": cost(cost_rows, repeats=rounds)}
     tol_rows = []
     for workload, batch in ((CNN, 32), (MLP, 128)):
         for tol in TOLS:

@@ -1,7 +1,9 @@
 """GPU figures in one short run: ``python bench/gpu.py`` (under 5 minutes on one GPU).
 
 Speed table (float32, bf16 autocast, channels_last) of every method against the floor,
-side by side and interleaved as on the CPU; host-device synchronisations per batch of
+side by side and interleaved as on the CPU; ``recompute_bn_buffers`` and the functional
+update loop against the floor on the bench CNN and torchvision's ResNet-18 and ResNet-50
+layouts (``bench/overhead.py``); host-device synchronisations per batch of
 every method (counted with ``torch.cuda.set_sync_debug_mode("warn")`` at two loader
 lengths); a hard check that precisebn's batch loop never synchronises
 (``set_sync_debug_mode("error")`` from the second batch to the end of the loop); the
@@ -33,9 +35,19 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import precisebn  # noqa: E402
-from bench import exactness, many, report  # noqa: E402
+from bench import exactness, many, overhead, report  # noqa: E402
 from bench.methods import METHODS, Method  # noqa: E402
-from bench.models import CNN, CONV3D, MLP, Workload, batch_sizes, make_batches, make_model  # noqa: E402
+from bench.models import (  # noqa: E402
+    CNN,
+    CONV3D,
+    MLP,
+    RESNET18,
+    RESNET50,
+    Workload,
+    batch_sizes,
+    make_batches,
+    make_model,
+)
 from bench.timing import interleaved, speed_row  # noqa: E402
 
 VARIANTS = ("float32", "bf16 autocast", "channels_last")
@@ -157,6 +169,7 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             report.speed_table(results["speed"]),
             "",
+            *_overhead_part(results),
             "Host-device synchronisations (sync debug mode 'warn'), CNN batch 32:",
             "",
             "| method | 4 batches | 12 batches | per batch |",
@@ -173,6 +186,27 @@ def markdown(results: dict[str, Any]) -> str:
             *_many_part(results),
         ]
     )
+
+
+def recorder_speed(device: torch.device, repeats: int, n: int) -> list[dict[str, Any]]:
+    """The floor, ``recompute`` and the ``update loop`` of ``bench/overhead.py``."""
+    rows = [(CNN, 32, n), (RESNET18, 16, n), (RESNET50, 8, n)]
+    return overhead.speed(rows, repeats=repeats, device=device)
+
+
+def _overhead_part(results: dict[str, Any]) -> list[str]:
+    """The recorder's speed table, where this run has it (older results do not)."""
+    if "overhead" not in results:
+        return []
+    targets = {"recompute_target": overhead.RECOMPUTE_TARGET}
+    targets["update_target"] = overhead.UPDATE_TARGET
+    return [
+        "recompute_bn_buffers and the functional update loop (`precisebn.recorder`) "
+        "against the floor (float32):",
+        "",
+        report.overhead_speed_table(results["overhead"], targets),
+        "",
+    ]
 
 
 def _many_part(results: dict[str, Any]) -> list[str]:
@@ -209,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     results["syncs"] = syncs_per_batch(device)
     results["exactness_cnn_ragged"] = gpu_exactness(device)
     results["speed"] = speed(device, args.repeats, args.batches)
+    results["overhead"] = recorder_speed(device, args.repeats, args.batches)
     results["many"] = many_rows(device, args.repeats)
     results["wall_s"] = time.perf_counter() - start
     out_dir = ROOT / "bench" / "results"

@@ -95,9 +95,9 @@ class Row:
 ROWS = (
     # The costly loaders decode images of the sizes data sets store (ImageNet-sized photos
     # for the CNN, MNIST-sized digits for the MLP) and resize them to the model's input.
-    Row("same architecture, cnn", CNN, 32, (4, 8), source=256),
-    Row("same architecture, mlp", MLP, 128, (25, 50), source=28),
-    Row("8 different subnets, mlp", MLP, 128, (25, 50), source=28, widths=SUBNET_WIDTHS),
+    Row("same architecture, cnn", CNN, 32, (2, 8), source=256),
+    Row("same architecture, mlp", MLP, 128, (10, 50), source=28),
+    Row("8 different subnets, mlp", MLP, 128, (10, 50), source=28, widths=SUBNET_WIDTHS),
 )
 
 
@@ -220,7 +220,7 @@ def _methods(
         base = models[0]
 
         def vmapped(_ensemble: nn.Module, _: Any) -> None:
-            def one(p: dict[str, Tensor], b: dict[str, Tensor]) -> precisebn.BNBuffers:
+            def one(p: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
                 return precisebn.recompute_bn_buffers(
                     base, loader, params=p, buffers=b, num_batches=n
                 )
@@ -326,14 +326,14 @@ def time_row(
 ) -> dict[str, Any]:
     """Every method on both loaders, interleaved in one loop; seconds and paired ratios.
 
-    ``warmup``: first call every method once on loaders of two batches (not timed), which
+    ``warmup``: first call every method once on loaders of one batch (not timed), which
     sets up what a first call sets up at a fraction of a full warm-up round's cost.
     """
     device = device or torch.device("cpu")
     models = [m.to(device) for m in row.models()]
     last: dict[str, dict[str, Any]] = {}
     if warmup:
-        small, _, _ = _all_methods(row, models, min(n, 2), device, {})
+        small, _, _ = _all_methods(row, models, 1, device, {})
         for call in small.values():
             call(copy.deepcopy(nn.ModuleList(models)), None)
     methods, free, costly = _all_methods(row, models, n, device, last)

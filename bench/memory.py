@@ -24,6 +24,7 @@ import resource
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -127,12 +128,20 @@ def stats_mib() -> float:
     return channels * 2 * 8 / 2**20
 
 
-def table(sizes: list[int], *, tensors_up_to: int) -> dict[str, dict[str, dict[str, float | None]]]:
-    """``{method: {n: {"first_mib", "repeat_mib"}}}``: peak RSS growth per call."""
+def table(
+    sizes: list[int], *, tensors_up_to: int, processes: int = 2
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """``{method: {n: {"first_mib", "repeat_mib", "tensor_mib"}}}``: peak RSS growth per
+    call and the tensor peak. Each (method, n) runs in a process of its own, ``processes``
+    of them at a time (memory, not time, is measured: they may share the cores)."""
+    jobs = [(method, n) for n in sizes for method in METHODS]
+    with ThreadPoolExecutor(max_workers=processes) as pool:
+        done = pool.map(lambda job: measure(job[0], job[1], tensors=job[1] <= tensors_up_to), jobs)
+        results = dict(zip(jobs, done, strict=True))
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     for n in sizes:
         for method in METHODS:
-            got = measure(method, n, tensors=n <= tensors_up_to)
+            got = results[method, n]
             out.setdefault(method, {})[str(n)] = {
                 key: None if got[key] is None else float(got[key])  # type: ignore[arg-type]
                 for key in ("first_mib", "repeat_mib", "tensor_mib")

@@ -46,6 +46,112 @@ def resnet_cnn(width: int = 16, blocks: int = 1, classes: int = 10) -> nn.Module
     return nn.Sequential(*layers)
 
 
+class Bottleneck(nn.Module):
+    """torchvision's ResNet bottleneck (v1.5: the stride on the 3x3 conv), expansion 4."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class TorchvisionBasicBlock(nn.Module):
+    """torchvision's ResNet basic block, with its module names (``downsample``)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet(nn.Module):
+    """torchvision's ImageNet ResNet, written out by hand with its layout and module names
+    (``conv1``, ``bn1``, ``layer1.0.downsample.1``, ``fc``, ...), so that its state dict
+    has torchvision's keys and its BN layers sit where torchvision's do.
+
+    torchvision itself is not installable next to the torch of the bench's environment
+    (no wheel of it pairs with this torch build), so the bench does not import it.
+    ``resnet(18)`` and ``resnet(50)`` have torchvision's ``resnet18`` and ``resnet50``
+    layers, channel counts and weight initialisation; the bench runs them on small images.
+    """
+
+    def __init__(self, block: type[Bottleneck | TorchvisionBasicBlock], counts: list[int]) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = 64
+        stages = []
+        for i, count in enumerate(counts):
+            planes = 64 * 2**i
+            blocks = []
+            for b in range(count):
+                blocks.append(block(cin, planes, 2 if i > 0 and b == 0 else 1))
+                cin = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, 1000)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet(depth: int) -> ResNet:
+    """torchvision's ``resnet18`` or ``resnet50`` layout (see `ResNet`)."""
+    if depth == 18:
+        return ResNet(TorchvisionBasicBlock, [2, 2, 2, 2])
+    if depth == 50:
+        return ResNet(Bottleneck, [3, 4, 6, 3])
+    raise ValueError(f"no ResNet-{depth} here: 18 or 50")
+
+
+def bn_stack(depth: int, width: int = 8) -> nn.Module:
+    """``depth`` BatchNorm1d layers of ``width`` channels and nothing else: on tiny inputs
+    the kernels cost almost nothing, so a run's time is its cost per call."""
+    return nn.Sequential(*(nn.BatchNorm1d(width) for _ in range(depth)))
+
+
 def bn_mlp(features: int = 64, width: int = 256, depth: int = 6) -> nn.Module:
     """An MLP with a BatchNorm1d after every linear layer: BN is a large share of the work."""
     layers: list[nn.Module] = []
@@ -139,6 +245,8 @@ def iter_batches(
 CNN = Workload("cnn", lambda: resnet_cnn(16, 1), (3, 32, 32))
 MLP = Workload("mlp", lambda: bn_mlp(64, 256, 6), (64,))
 CONV3D = Workload("conv3d", lambda: conv3d_net(8), (3, 8, 24, 24))
+RESNET18 = Workload("resnet18 64x64", lambda: resnet(18), (3, 64, 64))
+RESNET50 = Workload("resnet50 64x64", lambda: resnet(50), (3, 64, 64))
 
 
 def tabular_workload(ratio: float) -> Workload:

@@ -15,6 +15,9 @@ from bench.methods import ESTIMATORS, METHODS
 from precisebn._fold import BLOCK
 
 ERRORS_HEADER = "## Standard errors and tol="
+LONG_RUN = 200
+"""Batches of the run whose ratio the overhead section predicts (the default num_batches)."""
+OVERHEAD_HEADER = "## Where the time goes: the recorder against the bare forward"
 MANY_HEADER = "## Many models, one pass"
 SPEED_TARGET_FLOOR = 1.05
 SPEED_TARGET_FVCORE = 1.0
@@ -136,7 +139,7 @@ def scaling_tables(scaling: dict[str, Any]) -> str:
 
 
 def guarantees_tables(data: dict[str, Any]) -> str:
-    """Buffer memory, the speed of checked direct batches, and how often the check fires."""
+    """Tensor peaks of a run on a model with a large buffer it reads (and one it writes)."""
     header = ["model", "buffers (MiB)", "written by the forward (MiB)", "floor tensors (MiB)"]
     header += ["precisebn tensors (MiB)", "precisebn - floor (MiB)"]
     rows = [
@@ -150,28 +153,238 @@ def guarantees_tables(data: dict[str, Any]) -> str:
         ]
         for r in data["buffers"]
     ]
-    memory = _table(header, rows)
-    names = ["precisebn", "no verification", "all intercepted"]
-    header = ["workload", "batches", *(f"{n} / floor" for n in names), "verification costs"]
-    rows = []
-    for row in data["speed"]:
-        ms = row["methods"]
-        ratios = [ms[n]["ratio_to_floor"] for n in names]
-        cells = [row["workload"], str(row["num_batches"])]
-        cells += [
-            f"{r:.3f} ({ms[n]['ratio_min']:.2f}-{ms[n]['ratio_max']:.2f})"
-            for n, r in zip(names, ratios, strict=True)
+    return _table(header, rows)
+
+
+def _spread(t: dict[str, Any]) -> str:
+    """A method's median ratio to the floor, with the min-max over rounds."""
+    return f"{t['ratio_to_floor']:.3f} ({t['ratio_min']:.2f}-{t['ratio_max']:.2f})"
+
+
+def _met(ratio: float, target: float) -> str:
+    return "yes" if ratio <= target else "**no**"
+
+
+def overhead_speed_table(rows: list[dict[str, Any]], data: dict[str, Any]) -> str:
+    """recompute and the update loop against the floor, with the issue's targets."""
+    rec_target, upd_target = data["recompute_target"], data["update_target"]
+    header = ["workload", "batches", "BN calls per batch", "floor ms/batch"]
+    header += ["recompute / floor", f"<= {rec_target:g}", "update loop / floor"]
+    header += [f"<= {upd_target:g}", "floor max/min over rounds"]
+    out = []
+    for row in rows:
+        ms, n = row["methods"], row["num_batches"]
+        floor_s = ms["floor"]["seconds"]
+        rec, upd = ms["recompute"], ms["update loop"]
+        out.append(
+            [
+                row["workload"],
+                str(n),
+                str(row["bn_calls"]),
+                f"{ms['floor']['median_s'] / n * 1e3:.2f}",
+                _spread(rec),
+                _met(rec["ratio_to_floor"], rec_target),
+                _spread(upd),
+                _met(upd["ratio_to_floor"], upd_target),
+                f"{max(floor_s) / min(floor_s):.2f}",
+            ]
+        )
+    return _table(header, out)
+
+
+def overhead_why_table(rows: list[dict[str, Any]]) -> str:
+    """Per workload, the overhead per batch that the measured parts predict, and the
+    measured overhead (µs per batch)."""
+    header = ["workload", "BN calls", "floor µs/batch", "calls x stacks' µs per call"]
+    header += ["calls in situ µs/batch (per call)", "run's fixed cost µs (/ batches)"]
+    header += ["recompute: predicted / measured", "per update µs: no forward / in situ"]
+    header += ["update loop: predicted / measured", "recompute at 200 batches (predicted)"]
+    out = []
+    for r in rows:
+        n = r["num_batches"]
+        per_batch = r["recompute_predicted_us"] - r["run_us"] / n
+        long_run = 1 + (per_batch + r["run_us"] / LONG_RUN) / r["floor_us"]
+        out.append(
+            [
+                r["workload"],
+                str(r["bn_calls"]),
+                f"{r['floor_us']:,.0f}",
+                f"{r['calls_us']:.0f}",
+                f"{r['in_situ_us']:,.0f} ({r['in_situ_per_call_us']:.1f})",
+                f"{r['run_us']:,.0f} (/ {n} = {r['run_us'] / n:,.0f})",
+                f"{r['recompute_predicted_us']:,.0f} / {r['recompute_measured_us']:,.0f}",
+                f"{r['update_us']:,.0f} / {r['update_in_situ_us']:,.0f}",
+                f"{r['update_predicted_us']:,.0f} / {r['update_measured_us']:,.0f}",
+                f"{long_run:.3f}",
+            ]
+        )
+    return _table(header, out)
+
+
+def per_call_table(data: dict[str, Any]) -> str:
+    """Overhead per batch of BN stacks of several depths, and the fits."""
+    header = ["BN layers D", "floor µs/batch", "recompute overhead µs/batch"]
+    header += ["update loop overhead µs/batch"]
+    out = [
+        [
+            str(r["depth"]),
+            f"{r['floor_us_per_batch']:.0f}",
+            f"{r['recompute_us_per_batch']:.0f}",
+            f"{r['update_us_per_batch']:.0f}",
         ]
-        cells.append(f"{(ratios[0] - ratios[1]) * 100:+.1f} points")
-        rows.append(cells)
-    speed = _table(header, rows)
-    header = ["batches with another size", "runs", "noticed", "1 - (1 - p)^V"]
-    rows = [
-        [f"{r['rate']:.0%}", str(r["runs"]), f"{r['caught']:.0%}", f"{r['expected']:.0%}"]
-        for r in data["detection"]
+        for r in data["rows"]
     ]
-    detection = _table(header, rows)
-    return f"{memory}\n\n{speed}\n\n{detection}"
+    rec, upd = data["fits"]["recompute"], data["fits"]["update"]
+    return (
+        _table(header, out)
+        + f"\n\nFitted against D: **recompute {rec['per_call_us']:.1f} µs per intercepted call** "
+        f"+ {rec['per_batch_us']:.0f} µs per batch; **update loop {upd['per_call_us']:.1f} µs per "
+        f"layer + {upd['per_batch_us']:.0f} µs per update**. The floor's own BN call (module "
+        f"call and kernel) costs {data['floor_per_call_us']:.1f} µs here."
+    )
+
+
+def block_table(rows: list[dict[str, Any]], block: int) -> str:
+    """recompute with the fold's block against a block of one row."""
+    header = ["workload", "batches", f"block of {block} / floor", "block of 1 / floor"]
+    header += [f"block of 1 / block of {block}", "floor ms/batch"]
+    out = []
+    for row in rows:
+        ms, n = row["methods"], row["num_batches"]
+        out.append(
+            [
+                row["workload"],
+                str(n),
+                _spread(ms[f"block of {block}"]),
+                _spread(ms["block of 1"]),
+                _ratio_cell(row["one_row_ratio"], row["one_row_ratios"]),
+                f"{ms['floor']['median_s'] / n * 1e3:.2f}",
+            ]
+        )
+    return _table(header, out)
+
+
+def overhead_tables(data: dict[str, Any]) -> str:
+    """Every table of the overhead section, as plain Markdown."""
+    parts = [overhead_speed_table(data["speed"], data)]
+    if "speed_tuned" in data:
+        parts.append(overhead_speed_table(data["speed_tuned"], data))
+    parts += [
+        overhead_why_table(data["predicted"]),
+        per_call_table(data["per_call"]),
+        block_table(data["blocks"], data["block"]),
+    ]
+    return "\n\n".join(parts)
+
+
+def overhead_section(results: dict[str, Any]) -> list[str]:
+    """The section on where precisebn's time goes, as Markdown lines."""
+    data = results.get("overhead")
+    if data is None:
+        return [OVERHEAD_HEADER, "", "Not in this run.", ""]
+    block = data["block"]
+    per_call = data["per_call"]
+    tuned = []
+    if "speed_tuned" in data:
+        env = " ".join(f"{k}={v}" for k, v in data["tuned_malloc"].items())
+        tuned = [
+            f"The same rows in a child process started with `{env}`: glibc's malloc then "
+            "serves blocks of up to 64 MiB from its heap and keeps up to 256 MiB of freed "
+            "heap memory. By default, blocks above its mmap threshold are returned to the "
+            "kernel when freed, so large activations page-fault anew on every batch; that "
+            "slows the floor and every method alike, and the same overhead in µs is then a "
+            "smaller ratio. The default threshold adapts (it rises to the size of a mapped "
+            "block once one is freed, up to 32 MiB), so how often that happens depends on "
+            "what the process ran before: in a fresh process (a separate check on this "
+            "machine, 2026-12-03, bench CNN batch 32, fastest of 40 rounds) the floor took "
+            "19.2 ms per batch with the default settings and 13.6 ms with these; by the "
+            "time this section runs in the bench's process, the two floors are close "
+            "(compare the tables).",
+            "",
+            overhead_speed_table(data["speed_tuned"], data),
+            "",
+        ]
+    return [
+        OVERHEAD_HEADER,
+        "",
+        "Every batch-norm call is intercepted, on every batch. Three methods, side by side "
+        "in one interleaved loop (`bench/overhead.py`): the **floor**; **recompute** = "
+        "`precisebn.recompute_bn_buffers(model, batches)`; **update loop** = "
+        "`rec = precisebn.recorder(model)`, `state = rec.init()`, then "
+        "`state = rec.update(state, batch)` per batch and `rec.finalize(state)` (all of it "
+        "timed). Workloads: the bench CNN, torchvision's ResNet-18 and ResNet-50 "
+        "(`bench/models.py`: written out by hand in torchvision's layout, with its module "
+        "names, channel counts and parameter counts; torchvision itself is not installable "
+        "next to the bench's torch build) at 64 x 64 pixels, and the BN-heavy bench MLP "
+        f"(outside the targets' workloads). Targets: recompute <= {data['recompute_target']:g}x "
+        f"the floor, the update loop <= {data['update_target']:g}x. The last column shows "
+        "how much the floor itself moved between rounds on this machine.",
+        "",
+        overhead_speed_table(data["speed"], data),
+        "",
+        *tuned,
+        "**Why: the parts of the overhead.** Measured separately and put together per "
+        "workload (µs per batch of the speed rows above, with the default malloc):",
+        "",
+        "- *stacks' µs per call*: BN stacks (below) give the cost of one intercepted call "
+        "over the floor's own call where the kernels cost nothing; times the workload's BN "
+        "calls per batch;",
+        "- *in situ*: the same calls inside a real run of the workload: a "
+        "`recompute_bn_buffers` run whose `forward=` times, batch by batch, the bound model's "
+        "forward and a bare deep copy's, in alternating order (median of the paired "
+        "differences); per call in brackets;",
+        "- *run's fixed cost*: one `recompute_bn_buffers` call over one batch with a forward "
+        "that runs nothing (`forward=lambda model, batch: None`) on the workload's model: "
+        "the recorder, the binding's session, the fold, its final pooling, the finite check "
+        "and the new buffers, paid once per run, so divided by the row's batches;",
+        "- *per update, no forward*: one `rec.update(state, batch)` with that forward: what "
+        "every update pays besides its BN calls (resolving the weights, a fold, a session "
+        "binding the model, pooling, the new state); *in situ*: the same part of an update "
+        "in an update loop with the paired forward (the update's time minus both forwards);",
+        "- predicted recompute = calls in situ + the stacks' µs per batch (closing a batch, "
+        "pooling) + fixed / batches; predicted update loop = its own calls in situ (not "
+        "shown) + per update in situ. *measured* = (the paired ratio to the floor - 1) x "
+        "the floor's time per batch, from the speed rows: a percent of a conv net's batch "
+        "is within the rounds' noise, so predicted and measured agree only to about that;",
+        f"- *recompute at {LONG_RUN} batches*: 1 + (calls in situ + the stacks' µs per batch "
+        f"+ fixed / {LONG_RUN}) / floor, the ratio the parts predict for a run of the default "
+        f"`num_batches={LONG_RUN}`, where the fixed cost weighs less than in the short rows "
+        "above.",
+        "",
+        overhead_why_table(data["predicted"]),
+        "",
+        f"**Per intercepted call.** {per_call['what']}: stacks of D BatchNorm1d layers and "
+        "nothing else, where the kernels cost next to nothing, so the overhead per batch "
+        "over the floor is the interception's: the Python of a tag's handler and the fold's "
+        "bookkeeping, the least a call costs. In a real model the same calls cost more "
+        "(*calls in situ* above, per call in brackets), although the kernels are the "
+        "same: see the notes below the table.",
+        "",
+        per_call_table(per_call),
+        "",
+        "Notes on the gap between the stacks' cost per call and the calls in situ, from "
+        "separate checks made on this machine while writing this bench (2026-12-03, bench "
+        "CNN, not part of this run): `torch.profiler` finds the same operators, with the "
+        "same self times, in a recompute of 16 batches as in the floor's 16 forwards, apart "
+        "from the few operators of pooling (about 1 ms in all); the in-situ difference grows "
+        "with the batch (146 µs per batch at batch 2, 307 at 32, 527 at 64, with the tuned "
+        "malloc settings of this section), while 9 BatchNorm2d layers alone at batch 32 show "
+        "5-10 µs per call, and the kernel `torch.batch_norm` itself takes the same time "
+        "with momentum 1 on rows of a block as with momentum 0.1 on buffers. The extra cost "
+        "is therefore outside the kernels and grows with the activations, as Python running "
+        "between kernels on caches that they have just filled would; that cause is a guess, not "
+        "measured. Likewise an update's own work costs about twice as much right after a "
+        "real forward (*per update, in situ*) as in a loop without one.",
+        "",
+        f"**The block fold.** Each intercepted call's kernel writes the batch's moments into "
+        f"row k of a [{block}, 2, C] block, pooled into the float64 sums every {block} "
+        f"batches. Against the same run with a block of one row, pooled after every batch "
+        "(`bench/overhead.py` swaps in a subclass of the private `_ModelPass` whose fold "
+        "has 1 row); the third column is paired per round:",
+        "",
+        block_table(data["blocks"], block),
+        "",
+    ]
 
 
 def _ratio_cell(ratio: float, ratios: list[float]) -> str:
@@ -179,14 +392,14 @@ def _ratio_cell(ratio: float, ratios: list[float]) -> str:
 
 
 def errors_cost_table(rows: list[dict[str, Any]]) -> str:
-    """What the standard-error sums cost: precisebn against itself without them."""
-    header = ["workload", "batches", "precisebn / floor", "without errors / floor"]
-    header += ["precisebn / without errors", "errors cost µs/batch", "target met"]
+    """What the standard-error sums cost: precisebn with them against itself without."""
+    header = ["workload", "batches", "precisebn / floor", "with errors / floor"]
+    header += ["with errors / precisebn", "errors cost µs/batch", "target met"]
     out = []
     for row in rows:
         ms = row["methods"]
         cells = [row["workload"], str(row["num_batches"])]
-        for name in ("precisebn", "without errors"):
+        for name in ("precisebn", "with errors"):
             t = ms[name]
             cells.append(f"{t['ratio_to_floor']:.3f} ({t['ratio_min']:.2f}-{t['ratio_max']:.2f})")
         cells.append(_ratio_cell(row["errors_ratio"], row["errors_ratios"]))
@@ -488,24 +701,14 @@ def _guarantees_part(results: dict[str, Any]) -> list[str]:
     data = results.get("guarantees")
     if data is None:
         return ["Not in this run.", ""]
-    every, n = data["verify_every"], data["num_batches"]
+    table = data.get("table_mib", 64)
     return [
-        "See [Guarantees](guarantees.md) for what is promised. Three figures, from "
-        "`bench/guarantees.py`:",
-        "",
-        "1. **Buffers the forward writes are copied, the rest are not.** Peak of live tensor "
+        "See [Guarantees](guarantees.md) for what is promised. **Buffers the forward writes "
+        "are copied, the rest are not** (`bench/guarantees.py`): the peak of live tensor "
         "bytes of one run (profiler allocation records) on a BN MLP that keeps a "
-        f"{64} MiB table it only reads, and on the same model when its forward also adds "
+        f"{table} MiB table it only reads, and on the same model when its forward also adds "
         "into a buffer of that size. Copying every buffer would add the buffers' size to "
         "both rows; copy on write adds only what the forward writes.",
-        "2. **Checked direct batches.** The default run (one direct batch in "
-        f"{every} checked: its BN calls report their counts) against the same run without the "
-        "check and with every batch intercepted, side by side with the floor.",
-        f"3. **How often the check fires.** Runs over {n} batches of a model that silently "
-        "changes a layer's input size (by a rule no watch sees) on a random fraction p of "
-        "its batches, with a loader that can be read once, so that noticing raises. "
-        f"V = {(n - 2) / every:.1f} verified batches; the last column is the chance of "
-        "noticing if every verified batch had probability p.",
         "",
         guarantees_tables(data),
         "",
@@ -520,18 +723,19 @@ def errors_section(results: dict[str, Any]) -> list[str]:
     return [
         ERRORS_HEADER,
         "",
-        "See [How many batches?](how-many-batches.md) for what is reported. Every run "
-        "reports each channel's standard error (`new.stderr`, by batch means: the spread of "
-        "the per-batch moments across batches) and `tol=` stops at the first check (every "
+        "See [How many batches?](how-many-batches.md) for what is reported. A run with "
+        "`return_info=True` (or `tol=`) reports each channel's standard error "
+        "(`info.stderr`, by batch means: the spread of the per-batch moments across batches) "
+        "and `tol=` stops at the first check (every "
         "16 batches, from batch 16 on) where every channel has `stderr(mean) / std <= tol` "
         "and `stderr(var) / var <= tol`. Four figures, from `bench/errors.py`, on fresh "
         "synthetic Gaussian batches (`bench/models.py`, `iter_batches`):",
         "",
-        "1. **What the standard errors cost.** The default run against the same run with the "
-        "standard-error sums switched off (`precisebn._fold.ERRORS = False`), side by side "
-        "with the floor. The ratio of the two is taken within each round (median, min-max); "
-        f"target <= {ERRORS_TARGET}. Short runs weigh the errors' fixed cost per call (their "
-        "evaluation at the end) more than a run of a few hundred batches does.",
+        "1. **What the standard errors cost.** The same run with `return_info=True`, which "
+        "adds the standard-error sums, against the default run, which computes none, side "
+        "by side with the floor. The ratio of the two is taken within each round (median, "
+        f"min-max); target <= {ERRORS_TARGET}. Short runs weigh the errors' fixed cost per "
+        "call (their evaluation at the end) more than a run of a few hundred batches does.",
         "2. **Batches to reach tol.** One `tol=` run per row on a stream of at most *cap* "
         "batches; *> cap* where it did not converge, with the batches it would have needed "
         "(errors shrink as 1/sqrt(B): used x (worst / tol)^2). The worst relative error is "
@@ -555,6 +759,39 @@ def errors_section(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _malloc(meta: dict[str, Any]) -> str:
+    settings = meta.get("malloc") or {}
+    if not settings:
+        return "with its default settings"
+    return "with " + " ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def noise_note(results: dict[str, Any]) -> list[str]:
+    """How busy the machine was: load averages per section, and the floor's spread."""
+    meta = results["meta"]
+    loads = meta.get("load")
+    if not loads:
+        return []
+    low = min(min(v) for v in loads.values())
+    high = max(max(v) for v in loads.values())
+    spreads = [
+        max(s) / min(s)
+        for row in results.get("speed", [])
+        for s in [row["methods"]["floor"]["seconds"]]
+    ]
+    spread = f"{statistics.median(spreads):.2f}" if spreads else "-"
+    worst = f"{max(spreads):.2f}" if spreads else "-"
+    return [
+        f"Noise: this run took {meta['wall_s']:.0f} s; the machine's 1-minute load average, "
+        f"read at the start and the end of each section, went from {low:.2f} to {high:.2f} "
+        f"on {meta.get('cores', '?')} cores (this bench uses one thread; a load above 1 means "
+        "other work shared the cores). The floor's slowest round over its fastest, per speed "
+        f"row: median {spread}, worst {worst}. Single rounds move by several percent: read "
+        "differences of a percent or two between medians as ties, not as measurements.",
+        "",
+    ]
+
+
 def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str:
     """The whole report as Markdown, for ``docs/benchmarks.md``."""
     meta = results["meta"]
@@ -567,12 +804,14 @@ def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str
         + f"`bench/results/{meta['name']}.json`.",
         "",
         f"Machine: {meta['machine']}. torch {meta['torch']}, {meta['threads']} intra-op "
-        f"thread(s), device {meta['device']}. Every ratio is measured side by side in one run: "
+        f"thread(s), device {meta['device']}, glibc malloc {_malloc(meta)}. Every ratio is "
+        "measured side by side in one run: "
         f"methods interleaved (A B C D E, then B C D E A, ...), {meta['repeats']} rounds after "
         "a warm-up round, each call on a fresh deep copy of the model (the copy is not timed). "
         "Ratios are the median over rounds of the method's time over the floor's time in the "
         "same round, with the min-max over rounds in brackets.",
         "",
+        *noise_note(results),
         "Methods: **floor** = bare training-mode forward passes under `torch.no_grad()`; "
         "**precisebn** = `precisebn.recompute_bn_buffers`; **fvcore** = "
         "`fvcore.nn.precise_bn.update_bn_stats`; **torch update_bn** = "
@@ -589,10 +828,12 @@ def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str
         "",
         "Each row runs the number of batches shown (a precise-BN run is a few hundred "
         "batches; `num_batches` defaults to 200). Besides its cost per batch, a precisebn "
-        "call has a fixed cost (set-up, the two intercepted batches and the watched one per "
-        "batch shape, the final pooling): the *Scaling* section gives both, as the slope and "
-        "the intercept of time against the number of batches.",
+        "call has a fixed cost (the recorder and its binding, the final pooling, the finite "
+        "check, the new buffers): the *Scaling* section gives both, as the slope and the "
+        "intercept of time against the number of batches, and the next section measures "
+        "them on each workload.",
         "",
+        *overhead_section(results),
         "## Exactness",
         "",
         "Worst relative error over every BN layer and channel against a float64 pooled "
@@ -612,10 +853,8 @@ def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str
         "(float64 mean and m2 per channel). Its tensor peak above the floor is the batch "
         f"block and its pooling (at most {BLOCK} batches of float32 mean and variance per "
         "channel, and a few float64 arrays of that size while a block is pooled): bounded, "
-        "whatever the number of batches. The RSS of a first call includes one-time set-up of the "
-        "process: in a separate check (2026-11-27, this machine), a first precisebn call "
-        "on this model grew RSS by 13.3 MiB, and by 4.5 MiB after one call on an unrelated "
-        "two-layer model.",
+        "whatever the number of batches. The RSS of a first call includes one-time set-up of "
+        "the process (compare *first* with *repeat*).",
         "",
         "## Scaling",
         "",

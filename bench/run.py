@@ -1,11 +1,14 @@
 """Run the precisebn benchmarks: ``python bench/run.py [--quick] [--name NAME]``.
 
 Measures speed, exactness, memory and scaling of precisebn, fvcore, torch's update_bn
-and the seed algorithm side by side, what precisebn's guarantees cost, and how its
-standard errors and ``tol=`` behave (``bench/errors.py``), and how many models fare in one
-pass over the data against one pass each (``bench/many.py``); writes
-``bench/results/<name>.json`` and regenerates ``docs/benchmarks.md`` (plus PNG plots when
-matplotlib is installed). The quick mode takes about 5 minutes on 2 CPU cores.
+and the seed algorithm side by side; where precisebn's time goes against the bare forward
+(``recompute_bn_buffers`` and the functional update loop, per intercepted call, per
+update, and what the block fold saves: ``bench/overhead.py``); what copy on write costs in
+memory (``bench/guarantees.py``); how its standard errors and ``tol=`` behave
+(``bench/errors.py``); and how many models fare in one pass over the data against one
+pass each (``bench/many.py``). Writes ``bench/results/<name>.json`` and regenerates
+``docs/benchmarks.md`` (plus PNG plots when matplotlib is installed). The quick mode takes
+under 2 minutes on 2 CPU cores, the full run about 15 minutes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,16 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
 
 import torch  # noqa: E402
 
-from bench import errors, exactness, guarantees, many, memory, report, scaling  # noqa: E402
+from bench import (  # noqa: E402
+    errors,
+    exactness,
+    guarantees,
+    many,
+    memory,
+    overhead,
+    report,
+    scaling,
+)
 from bench.methods import METHODS  # noqa: E402
 from bench.models import (  # noqa: E402
     CNN,
@@ -59,11 +72,11 @@ class Config:
 
 
 QUICK = Config(
-    speed=[(CNN, 32, 8), (CNN, 128, 4), (MLP, 128, 100), (CONV3D, 8, 32)],
-    repeats=7,
+    speed=[(CNN, 32, 8), (CNN, 128, 2), (MLP, 128, 100), (CONV3D, 8, 32)],
+    repeats=5,
     exact_batches=6,
     small_batches=64,
-    memory_sizes=[10, 100, 1000],
+    memory_sizes=[100],
     tensor_sizes_max=100,
     scaling_counts=[8, 16, 32],
     scaling_widths=[64, 256, 1024],
@@ -161,7 +174,7 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="small sizes: about 5 minutes")
+    parser.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes")
     parser.add_argument("--name", help="results name (default: quick or full)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--note", default="", help="free text about the machine, e.g. 'shared'")
@@ -180,19 +193,35 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "device": "cpu",
             "repeats": config.repeats,
+            "cores": os.cpu_count(),
+            "malloc": {k: os.environ[k] for k in overhead.TUNED_MALLOC if k in os.environ},
         }
     }
-    results["speed"] = run_speed(config)
-    results["exactness"] = run_exactness(config)
-    results["memory"] = run_memory(config)
-    results["scaling"] = run_scaling(config)
-    results["guarantees"] = guarantees.run(quick=args.quick, repeats=config.repeats)
-    results["errors"] = errors.run(quick=args.quick, repeats=config.repeats)
-    # Each round of this module runs 8 models several times over: fewer rounds.
-    results["many"] = many.run(quick=args.quick, repeats=min(config.repeats, 7))
+    quick, repeats = args.quick, config.repeats
+    sections: dict[str, Callable[[], Any]] = {
+        "speed": lambda: run_speed(config),
+        "overhead": lambda: overhead.run(quick=quick, repeats=repeats, threads=args.threads),
+        "exactness": lambda: run_exactness(config),
+        "memory": lambda: run_memory(config),
+        "scaling": lambda: run_scaling(config),
+        "guarantees": lambda: guarantees.run(quick=quick),
+        "errors": lambda: errors.run(quick=quick, repeats=repeats),
+        # Each round of this module runs 8 models several times over: fewer rounds.
+        "many": lambda: many.run(quick=quick, repeats=2 if quick else min(repeats, 7)),
+    }
+    walls: dict[str, float] = {}
+    loads: dict[str, list[float]] = {}
+    for section, compute in sections.items():
+        began, load = time.perf_counter(), os.getloadavg()[0]
+        results[section] = compute()
+        walls[section] = time.perf_counter() - began
+        loads[section] = [load, os.getloadavg()[0]]
+    results["meta"]["section_wall_s"] = walls
+    results["meta"]["load"] = loads
     results["meta"]["wall_s"] = time.perf_counter() - start
     write(results, name, docs=not args.no_docs)
     print(report.speed_table(results["speed"]))
+    print(report.overhead_tables(results["overhead"]))
     print(report.exactness_table(results["exactness"]))
     print(report.memory_table(results["memory"]))
     print(report.scaling_tables(results["scaling"]))

@@ -1,5 +1,5 @@
-"""Smoke check of bench/: the exactness and standard-error figures on tiny sizes, loose
-bounds, no timing asserts."""
+"""Smoke check of bench/: every figure's code on tiny sizes, loose bounds, no timing
+asserts (the machine running CI is shared)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("fvcore")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import errors, exactness, gpu, many, report, timing
-from bench.methods import ESTIMATORS, METHODS, run_precisebn
+from bench import errors, exactness, gpu, guarantees, many, overhead, report, timing
+from bench.methods import ESTIMATORS, METHODS, bn_layers, run_precisebn
 from bench.models import (
     CNN,
     Workload,
@@ -23,14 +23,23 @@ from bench.models import (
     bn_mlp,
     make_batches,
     make_model,
+    resnet,
     resnet_cnn,
     tabular_workload,
 )
 
-import precisebn._fold as fold_module
+import precisebn
+import precisebn._recompute as recompute_module
+from precisebn._binding import Weights
 
 SMALL_MLP = Workload("mlp small", lambda: bn_mlp(8, 16, 2), (8,))
 SMALL_CNN = Workload("cnn small", lambda: resnet_cnn(4, 1), (3, 8, 8))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread: None) -> None:
+    """As the bench runs (``--threads 1``): on a busy machine, tiny models on two threads
+    wait for each other's cores, and a single round's times jump tenfold."""
 
 
 def errors_on(workload: Workload, sizes: list[int]) -> dict[str, exactness.Errors]:
@@ -117,12 +126,11 @@ def test_values_per_sample_reads_each_layers_spatial_size() -> None:
     assert set(errors.values_per_sample(SMALL_MLP, make_model(SMALL_MLP)).values()) == {1}
 
 
-def test_errors_off_keeps_the_buffers_and_the_section_renders() -> None:
+def test_errors_on_keep_the_buffers_and_the_section_renders() -> None:
     model = make_model(SMALL_MLP)
     batches = make_batches(SMALL_MLP, [8] * 4)
-    off = errors.without_errors(model, batches)
-    assert fold_module.ERRORS is True  # restored
-    on = run_precisebn(model, batches)
+    on = errors.with_errors(model, batches)
+    off = run_precisebn(model, batches)
     assert off.keys() == on.keys()
     assert all(torch.equal(off[k], on[k]) for k in on)
     rows = errors.cost([(SMALL_MLP, 8, 4)], repeats=1)
@@ -138,7 +146,7 @@ def test_errors_off_keeps_the_buffers_and_the_section_renders() -> None:
     section = report.errors_section({"errors": data})
     assert section[0] == "## Standard errors and tol="
     text = "\n".join(section)
-    assert "precisebn / without errors" in text
+    assert "with errors / precisebn" in text
     assert "mlp small" in text
     assert report.errors_section({})[2] == "Not in this run."
 
@@ -215,3 +223,97 @@ def test_many_row_times_every_method_and_the_section_renders() -> None:
     assert report._many_met({**t, "ratio_min": 1.01}, 1.0) == "**no**"
     assert report._many_met(t, 1.05) == "yes"
     assert "vmap / sequential" in "\n".join(gpu._many_part({"many": data}))
+
+
+def test_resnets_have_torchvisions_layout() -> None:
+    # torchvision's resnet18 / resnet50: parameter counts, BN layers and state-dict keys.
+    for depth, params, bns, keys in ((18, 11_689_512, 20, 122), (50, 25_557_032, 53, 320)):
+        model = resnet(depth)
+        assert sum(p.numel() for p in model.parameters()) == params
+        assert len(bn_layers(model)) == bns
+        assert len(model.state_dict()) == keys
+    assert "layer4.1.downsample.1.running_var" not in model.state_dict()
+    assert "layer4.0.downsample.1.running_var" in model.state_dict()
+    with torch.no_grad():
+        assert resnet(18).train()(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+    with pytest.raises(ValueError, match="18 or 50"):
+        resnet(34)
+
+
+def test_update_loop_and_one_row_block_give_the_recompute_buffers() -> None:
+    model = make_model(SMALL_CNN)
+    batches = make_batches(SMALL_CNN, [4, 5, 6])
+    ref = run_precisebn(model, batches)
+    for method in (overhead.run_update_loop, overhead.one_row):
+        got = method(model, batches)
+        assert got.keys() == ref.keys()
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-6, atol=1e-7)
+    # Inside block_rows(k) a run's fold has k rows; outside, the library's own pass again.
+    rec = precisebn.recorder(model)
+    with overhead.block_rows(1):
+        assert (
+            recompute_module._ModelPass(rec, Weights(), expected=8, errors=False).fold.block.shape[
+                0
+            ]
+            == 1
+        )
+    assert recompute_module._ModelPass.__name__ == "_ModelPass"
+    default = recompute_module._ModelPass(rec, Weights(), expected=40, errors=False)
+    assert default.fold.block.shape[0] == overhead.BLOCK > 1
+
+
+def test_overhead_parts_add_up_and_the_section_renders() -> None:
+    speed = overhead.speed([(SMALL_MLP, 8, 3)], repeats=1)
+    assert set(speed[0]["methods"]) == set(overhead.SPEED_METHODS)
+    assert speed[0]["bn_calls"] == 2
+    calls = overhead.per_call((2, 6), num_batches=4, repeats=1)
+    assert [r["depth"] for r in calls["rows"]] == [2, 6]
+    for fit in calls["fits"].values():
+        assert all(math.isfinite(v) for v in fit.values())
+    fixed = overhead.fixed_costs(SMALL_MLP, 8, repeats=2)
+    assert fixed["run_us"] > 0
+    assert fixed["update_us"] > 0
+    situ = overhead.in_situ(SMALL_MLP, 8, 4)
+    assert situ["bare_us"] > 0
+    assert math.isfinite(situ["bound_minus_bare_us"])
+    parts = overhead.predicted(speed, calls, {speed[0]["workload"]: {**fixed, **situ}})[0]
+    fit = calls["fits"]["recompute"]
+    in_situ = situ["bound_minus_bare_us"]
+    expected = in_situ + fit["per_batch_us"] + fixed["run_us"] / 3
+    assert parts["recompute_predicted_us"] == pytest.approx(expected)
+    update = situ["update_bound_minus_bare_us"] + situ["update_outside_us"]
+    assert parts["update_predicted_us"] == pytest.approx(update)
+    assert parts["in_situ_per_call_us"] == pytest.approx(in_situ / 2)
+    blocks = overhead.block([(SMALL_MLP, 8, 3)], repeats=1)
+    assert blocks[0]["one_row_ratio"] > 0
+    data = {
+        "recompute_target": overhead.RECOMPUTE_TARGET,
+        "update_target": overhead.UPDATE_TARGET,
+        "block": overhead.BLOCK,
+        "speed": speed,
+        "per_call": calls,
+        "predicted": [parts],
+        "blocks": blocks,
+    }
+    section = report.overhead_section({"overhead": data})
+    assert section[0] == report.OVERHEAD_HEADER
+    text = "\n".join(section)
+    assert "| mlp small batch 8 | 3 | 2 |" in text
+    assert "µs per intercepted call" in text
+    assert f"block of 1 / block of {overhead.BLOCK}" in text
+    assert "MALLOC" not in text  # no rows with a tuned malloc in this run
+    assert report.overhead_section({})[2] == "Not in this run."
+    assert "update loop / floor" in "\n".join(gpu._overhead_part({"overhead": speed}))
+    assert gpu._overhead_part({}) == []
+
+
+def test_guarantees_table_shows_what_copy_on_write_adds() -> None:
+    rows = [
+        {"model": "reads", "buffers_mib": 64.0, "written_mib": 0.0, "floor_mib": 0.5,
+         "precisebn_mib": 0.7},
+    ]  # fmt: skip
+    table = report.guarantees_tables({"buffers": rows})
+    assert "| reads | 64.0 | 0.0 | 0.50 | 0.70 | 0.20 |" in table
+    assert "direct" not in "\n".join(report._guarantees_part({"guarantees": {"buffers": rows}}))
+    assert callable(guarantees.run)
