@@ -60,6 +60,9 @@ class Resolved(NamedTuple):
     params: dict[str, Tensor]
     buffers: dict[str, Tensor]
     weights: Weights
+    owned: bool = False
+    """Whether the buffers are the run's own copies: bound as they are (what the forward
+    writes lands in them, run after run) and not watched."""
 
     @property
     def device(self) -> torch.device:
@@ -110,13 +113,14 @@ class Binding:
 
     def __init__(self, model: nn.Module, layers: Mapping[str, _BatchNorm]) -> None:
         self.model = model
-        self.target, self.prefix = _unwrap_ddp(model)
+        self.target, self.prefix = _unwrap(model)
         self.layers = dict(layers)
         self.layout = Layout({name: m.num_features for name, m in self.layers.items()})
         self.stat_keys = [buffer_key(name, stat) for name in self.layers for stat in STAT_NAMES]
         self._modules = list(self.target.modules())
         self._counters = _counter_keys(model, self.layers)
-        self._compiled = _has_compiled_parts(model)
+        self.compiled_parts = _has_compiled_parts(model)
+        self._compiled = _has_compiled_parts(self.target)  # submodules still run compiled
         self._sync_bn = [m for m in self.layers.values() if isinstance(m, nn.SyncBatchNorm)]
         self._copies: list[Tensor] = []
         self._callers: list[Tensor] = []
@@ -132,8 +136,9 @@ class Binding:
         batch-norm call, and how."""
         return self.state.reads
 
-    def resolve(self, weights: Weights) -> Resolved:
-        """The parameters and buffers a session with ``weights`` runs on.
+    def resolve(self, weights: Weights, *, owned: bool = False) -> Resolved:
+        """The parameters and buffers a session with ``weights`` runs on; with ``owned``,
+        ``weights.buffers`` are the run's own copies of every buffer (see `Resolved`).
 
         Raises:
             ValueError: ``weights`` names tensors the model does not have.
@@ -143,7 +148,7 @@ class Binding:
         _check_names("buffers", weights.buffers, buffers)
         params.update(weights.params or {})
         buffers.update(weights.buffers or {})
-        return Resolved(params, buffers, weights)
+        return Resolved(params, buffers, weights, owned)
 
     def bn_buffers(self, resolved: Resolved) -> dict[str, Tensor]:
         """The recomputed layers' current running statistics, keyed like the model's buffers.
@@ -158,6 +163,10 @@ class Binding:
                 "recorded with: build a new recorder after changing the model's structure"
             )
         return {key: resolved.buffers[key] for key in self.stat_keys}
+
+    def counter_keys(self, *, recomputed: bool) -> list[str]:
+        """The ``num_batches_tracked`` keys of the recomputed norm layers (or of the others)."""
+        return [key for key, is_recomputed in self._counters.items() if is_recomputed == recomputed]
 
     def statistics_version(self) -> int:
         """Sum of the version counters of the private copies behind the tags: it moves on
@@ -200,15 +209,17 @@ class Binding:
     def session(self, resolved: Resolved, *, sink: Sink) -> Iterator[dict[str, Tensor]]:
         """Prepare a run: yield the tensors to bind (names relative to the bound module);
         afterwards restore attributes and check the caller's tensors, also on error."""
-        params, buffers, weights = resolved
+        buffers, weights = resolved.buffers, resolved.weights
         self._refresh_tags(buffers)
         rebind = functools.partial(_set_tensor, self.target)
         protection = Protection(rebind=rebind, forbidden=self._forbidden)
         swap: dict[str, Tensor] = dict(weights.params or {})
         counters = self._counter_tensors(buffers)
         for key, tensor in buffers.items():
-            if key not in self._tags and key not in counters:
-                swap[key] = protection.guard(key.removeprefix(self.prefix), tensor)
+            if key in self._tags or key in counters:
+                continue
+            name = key.removeprefix(self.prefix)
+            swap[key] = tensor if resolved.owned else protection.guard(name, tensor)
         swap.update(counters)
         swap.update(self._tags)
         if self.prefix:
@@ -216,18 +227,15 @@ class Binding:
         state = self.state
         state.sink, state.cudnn, state.protection = sink, torch.backends.cudnn.enabled, protection
         state.reads = {}
-        watched = {**params, **buffers}
-        versions = {key: t._version for key, t in watched.items()}
-        attributes = [(m, dict(vars(m))) for m in self._modules]
         try:
-            if self._sync_bn or self._compiled:
-                with _local_sync_bn(self._sync_bn), _eager(self._compiled):
+            with self.watch(resolved):
+                if self._sync_bn or self._compiled:
+                    with _local_sync_bn(self._sync_bn), _eager(self._compiled):
+                        yield swap
+                else:
                     yield swap
-            else:
-                yield swap
         finally:
             state.sink, state.protection = _IDLE_SINK, _IDLE_PROTECTION
-            _restore_attributes(attributes)
             if protection.copied:
                 logger.debug(
                     "buffers the forward wrote, copied on write: %s (%d bytes)",
@@ -235,6 +243,18 @@ class Binding:
                     protection.copied_bytes,
                 )
             protection.close()
+
+    @contextlib.contextmanager
+    def watch(self, resolved: Resolved) -> Iterator[None]:
+        """Afterwards, also on error: undo attributes the forward set on its modules, and
+        report a write into the caller's tensors that went around every binding."""
+        watched = resolved.params if resolved.owned else {**resolved.params, **resolved.buffers}
+        versions = {key: t._version for key, t in watched.items()}
+        attributes = [(m, dict(vars(m))) for m in self._modules]
+        try:
+            yield
+        finally:
+            _restore_attributes(attributes)
             _check_versions(watched, versions)
 
     def _counter_tensors(self, buffers: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -337,15 +357,22 @@ def _counter_keys(model: nn.Module, recomputed: Mapping[str, nn.Module]) -> dict
     }
 
 
-def _unwrap_ddp(model: nn.Module) -> tuple[nn.Module, str]:
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     """The module to run and the prefix its names carry in ``model``'s names.
 
     A ``DistributedDataParallel`` wrapper's forward broadcasts buffers (a collective per
-    call, writing into the wrapped module's buffers) and prepares gradient reduction; the
-    wrapped module is run instead, while names stay those of the wrapper (``module.``...).
+    call, writing into the wrapped module's buffers) and prepares gradient reduction; a
+    ``torch.compile`` wrapper (``OptimizedModule``) would compile the forward with the
+    run's bindings in it. The wrapped module is run instead, while names stay those of the
+    wrapper (``module.``, ``_orig_mod.``...).
     """
     if isinstance(model, DistributedDataParallel):
-        return model.module, "module."
+        inner, prefix = _unwrap(model.module)
+        return inner, "module." + prefix
+    original = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
+        inner, prefix = _unwrap(original)
+        return inner, "_orig_mod." + prefix
     return model, ""
 
 

@@ -124,7 +124,7 @@ class Fold:
 
     def _start_batch(self) -> None:
         self._counts: list[LayerCount] = [0] * len(self.layout.names)
-        self._extra: list[_Pending] = []
+        self._extra: list[_Pending | _Done] = []
 
     # -------------------------------------------------------------- the sink protocol
 
@@ -167,7 +167,7 @@ class Fold:
         if self._extra:
             extra: Stats = {}
             for pending in self._extra:
-                layer, moments = pending.call.layer, pending.moments()
+                layer, moments = pending.layer, pending.moments()
                 extra[layer] = merge_layer(extra[layer], moments) if layer in extra else moments
             self._residual = merge(self._residual, extra)
             if self.check:
@@ -182,6 +182,20 @@ class Fold:
         self.k += 1
         if self.k == len(self._rows):
             self._pool()
+
+    def add_row(
+        self, row: Tensor, counts: tuple[int, ...], extras: list[tuple[int, Moments]], index: int
+    ) -> None:
+        """Close a batch that came whole, from a compiled graph: ``row`` holds each layer's
+        first call's ``[mean; unbiased var]`` laid end to end, ``counts`` their values per
+        channel (0: not reached), ``extras`` the moments of later calls of reused layers."""
+        self._rows[self.k].copy_(row)
+        self._counts = list(counts)
+        for i, count in enumerate(counts):
+            if count:
+                self.recorded.add(self.layout.names[i])
+        self._extra = [_Done(self.layout.names[i], moments) for i, moments in extras]
+        self.end_batch(index)
 
     def _row_moments(self, i: int) -> Moments | None:
         """The moments the current row holds for layer ``i`` (its first call), if any."""
@@ -360,14 +374,25 @@ class Fold:
 class _Pending:
     """An extra call's rows, turned into moments once the kernel has written them."""
 
-    __slots__ = ("call", "mean", "size", "var")
+    __slots__ = ("call", "layer", "mean", "size", "var")
 
     def __init__(self, call: Call, mean: Tensor, var: Tensor, size: int) -> None:
         self.call, self.mean, self.var, self.size = call, mean, var, size
+        self.layer = call.layer
 
     def moments(self) -> Moments:
         c = self.call
         return from_batch(c.count, self.mean, self.var, span=c.span, size=self.size)
+
+
+class _Done(NamedTuple):
+    """An extra call whose moments are known already (from a compiled graph)."""
+
+    layer: str
+    done: Moments
+
+    def moments(self) -> Moments:
+        return self.done
 
 
 class _Weights(NamedTuple):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from precisebn._batches import Forward, Placed, leading_size, place
 from precisebn._binding import Resolved, Weights, bind
 from precisebn._buffers import RunInfo
+from precisebn._compiled import Compiled, cached
 from precisebn._converge import (
     Stopper,
     check_tol,
@@ -35,7 +36,7 @@ from precisebn._converge import (
 from precisebn._distributed import GroupError, abandon, reduce_run, reduction_group
 from precisebn._fold import BLOCK, Fold
 from precisebn._layers import LayerSelector
-from precisebn._moments import Stats, finalize, init
+from precisebn._moments import Stats, finalize, from_batch, init
 from precisebn._recorder import Recorder, check_followed
 from precisebn._stderr import Spreads, standard_errors
 from precisebn._vmap import check_unbatched, is_transformed, per_member, split_weights
@@ -69,6 +70,7 @@ def recompute_bn_buffers(
     progress: bool = ...,
     process_group: ProcessGroup | None = ...,
     distributed: bool = ...,
+    compile: bool | Mapping[str, Any] | None = ...,
     return_info: Literal[False] = ...,
 ) -> dict[str, Tensor]: ...
 
@@ -87,6 +89,7 @@ def recompute_bn_buffers(
     progress: bool = ...,
     process_group: ProcessGroup | None = ...,
     distributed: bool = ...,
+    compile: bool | Mapping[str, Any] | None = ...,
     return_info: Literal[True],
 ) -> Result: ...
 
@@ -104,6 +107,7 @@ def recompute_bn_buffers(
     progress: bool = False,
     process_group: ProcessGroup | None = None,
     distributed: bool = True,
+    compile: bool | Mapping[str, Any] | None = None,
     return_info: bool = False,
 ) -> dict[str, Tensor] | Result:
     """Recompute BatchNorm running statistics exactly, returning new buffers.
@@ -154,6 +158,15 @@ def recompute_bn_buffers(
             returns the same buffers, those of one process running the union of all
             ranks' batches. ``False`` keeps each rank's own statistics. Without a process
             group there is nothing to pool and this flag has no effect.
+        compile: run the batches through one ``torch.compile``d graph that returns only
+            the statistics (see *How a run works*): ``None`` (the default) when the model
+            or one of its submodules is compiled, ``True`` always, a mapping for the
+            keyword arguments of ``torch.compile`` (``backend``, ``mode``, ...), ``False``
+            never. Counts are read from the shapes each graph computes with; a forward the
+            graph cannot stand for (a slice of the statistics, a read of them outside the
+            batch-norm call, a graph break) runs eagerly from that batch on, with one info
+            log saying why. Graphs are kept per model, layers and forward function, so a
+            repeated run compiles once.
         return_info: also return a `RunInfo`: how many batches and samples were used,
             whether ``tol`` was reached, and the standard errors.
 
@@ -204,6 +217,7 @@ def recompute_bn_buffers(
         progress=progress,
         process_group=process_group,
         distributed=distributed,
+        compile=compile,
         return_info=return_info,
     )
     if is_transformed(params, buffers):
@@ -226,6 +240,7 @@ def recompute_bn_buffers_many(
     progress: bool = False,
     process_group: ProcessGroup | None = None,
     distributed: bool = True,
+    compile: bool | Mapping[str, Any] | None = None,
     return_info: bool = False,
 ) -> list[dict[str, Tensor]] | list[Result]:
     """Recompute the BatchNorm statistics of several models in one pass over the data.
@@ -253,6 +268,7 @@ def recompute_bn_buffers_many(
         process_group: as for `precisebn.recompute_bn_buffers`.
         distributed: as for `precisebn.recompute_bn_buffers`; every model's statistics go
             in one reduction.
+        compile: as for `precisebn.recompute_bn_buffers`, per model.
         return_info: return ``(buffers, info)`` per model (see `precisebn.RunInfo`).
 
     Returns:
@@ -288,6 +304,7 @@ def recompute_bn_buffers_many(
         progress=progress,
         process_group=process_group,
         distributed=distributed,
+        compile=compile,
         return_info=return_info,
     )
     specs = [(m, Weights(p, b)) for m, p, b in zip(models, per_params, per_buffers, strict=True)]
@@ -304,6 +321,7 @@ class _Options(NamedTuple):
     group: ProcessGroup | None
     errors: bool
     """Whether the run estimates standard errors (for ``tol`` or the info)."""
+    compile: bool | Mapping[str, Any] | None
 
 
 def _options(
@@ -315,6 +333,7 @@ def _options(
     progress: bool,
     process_group: ProcessGroup | None,
     distributed: bool,
+    compile: bool | Mapping[str, Any] | None,
     return_info: bool,
 ) -> _Options:
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
@@ -322,7 +341,9 @@ def _options(
     tol = check_tol(tol)
     group = reduction_group(process_group) if distributed else None
     errors = return_info or tol is not None
-    return _Options(num_batches, tol, layers, forward, progress, group, errors)
+    if not (compile is None or isinstance(compile, bool | Mapping)):
+        raise TypeError(f"compile must be None, a bool or a mapping, got {compile!r}")
+    return _Options(num_batches, tol, layers, forward, progress, group, errors, compile)
 
 
 Spec = tuple[nn.Module, Weights]
@@ -341,26 +362,74 @@ class Folded(NamedTuple):
 
 
 class _ModelPass:
-    """One model's part of a pass: its recorder, the weights it runs on, and its fold."""
+    """One model's part of a pass: its recorder, the weights it runs on, and its fold.
+
+    A compiled pass runs its batches through the model's compiled graph (`precisebn._compiled`)
+    on private copies of its buffers; from a batch the graph cannot stand for on, it runs
+    each batch eagerly, in a binding of its own over those copies.
+    """
 
     def __init__(
-        self, recorder: Recorder, weights: Weights, *, expected: int, errors: bool
+        self,
+        recorder: Recorder,
+        weights: Weights,
+        *,
+        expected: int,
+        errors: bool,
+        compile: bool | Mapping[str, Any] | None,
     ) -> None:
         self.recorder = recorder
-        self.resolved: Resolved = recorder.binding.resolve(weights)
+        binding = recorder.binding
+        self.resolved: Resolved = binding.resolve(weights)
         self.device = self.resolved.device
         rows = min(BLOCK, expected)
         self.fold = recorder.fold(self.resolved, rows=rows, errors=errors, start=None, check=True)
         self.used = self.samples = 0
         self.skipped: list[tuple[int, str]] = []
+        self.compiled: Compiled | None = None
+        if compile or (compile is None and binding.compiled_parts):
+            options = compile if isinstance(compile, Mapping) else {}
+            self.compiled = cached(binding, recorder.forward, options)
+            self.state = self.compiled.state(self.resolved)
+        self.reads: dict[str, str] = {}
+        """Reads of the statistics outside a batch-norm call in the eager batches of a
+        compiled pass."""
 
-    def run(self, model: nn.Module, placed: Placed, index: int) -> None:
-        _, why = self.recorder.run_batch(model, placed.batch, self.fold, index=index)
+    def run(self, model: nn.Module | None, placed: Placed, index: int) -> None:
+        why: str | None
+        if self.compiled is not None:
+            out = self.compiled.run(self.state, placed.batch)
+            if isinstance(out, str):
+                logger.info("precise BN runs eagerly from batch %d on: %s", index, out)
+                self.compiled = None
+            elif out.degenerate is None:
+                extras = [(i, from_batch(n, m[0], m[1])) for i, m, n in out.extras]
+                self.fold.add_row(out.row, out.counts, extras, index)
+        if self.compiled is not None:
+            why = out.degenerate  # type: ignore[union-attr]
+        elif model is None:
+            why = self._alone(placed.batch, index)
+        else:
+            _, why = self.recorder.run_batch(model, placed.batch, self.fold, index=index)
         if why is not None:
             self.skipped.append((index, why))
             return
         self.used += 1
         self.samples += leading_size(placed.leaves)
+
+    def _alone(self, batch: Any, index: int) -> str | None:
+        """One batch eagerly, bound over the compiled pass's private buffers (which so go on
+        holding what the forward wrote, as a copy of the model would)."""
+        binding = self.recorder.binding
+        weights = Weights(self.resolved.weights.params, self.state.buffers)
+        resolved = binding.resolve(weights, owned=True)
+
+        def body(models: list[nn.Module]) -> str | None:
+            return self.recorder.run_batch(models[0], batch, self.fold, index=index)[1]
+
+        why = bind([(binding, resolved, self.fold)], body)
+        self.reads.update(binding.reads)
+        return why
 
     def folded(self) -> Folded:
         return Folded(
@@ -375,7 +444,13 @@ def _recompute_models(specs: list[Spec], loader: Iterable[Any], options: _Option
     for model, weights in _bindable(specs):
         recorder = Recorder(model, layers=options.layers, forward=options.forward)
         passes.append(
-            _ModelPass(recorder, weights, expected=max(expected, 1), errors=options.errors)
+            _ModelPass(
+                recorder,
+                weights,
+                expected=max(expected, 1),
+                errors=options.errors,
+                compile=options.compile,
+            )
         )
     group = options.group
     stopper = Stopper(options.tol, group=group) if options.tol is not None else None
@@ -436,16 +511,18 @@ def _pass(
     if progress:
         chosen = _progress_bar(chosen, total=expected)
     devices = list(dict.fromkeys(p.device for p in passes))
+    eager = [p for p in passes if p.compiled is None]
 
     def loop(models: list[nn.Module]) -> None:
         held = 0
         pending: list[tuple[int, dict[torch.device, Placed]]] = []
+        bound = dict(zip(map(id, eager), models, strict=True))
 
         def run_pending() -> None:
             # Model by model over the held batches: each model's weights stay in the cache.
-            for p, model in zip(passes, models, strict=True):
+            for p in passes:
                 for index, placed in pending:
-                    p.run(model, placed[p.device], index)
+                    p.run(bound.get(id(p)), placed[p.device], index)
             pending.clear()
 
         for index, raw in enumerate(chosen):
@@ -466,10 +543,17 @@ def _pass(
             if stopper is not None:  # under torch.distributed: until every rank stops
                 stopper.finish(_progress(passes))
         for p in passes:
-            check_followed(p.recorder.binding.reads, p.fold.recorded)
+            reads = p.recorder.binding.reads if id(p) in bound else p.reads
+            check_followed(reads, p.fold.recorded)
 
-    with torch.no_grad():
-        bind([(p.recorder.binding, p.resolved, p.fold) for p in passes], loop)
+    with torch.no_grad(), contextlib.ExitStack() as watched:
+        for p in passes:
+            if p.compiled is not None:  # bound by their graphs, watched for the rest
+                watched.enter_context(p.recorder.binding.watch(p.resolved))
+        if eager:
+            bind([(p.recorder.binding, p.resolved, p.fold) for p in eager], loop)
+        else:
+            loop([])
 
 
 def _progress(passes: list[_ModelPass]) -> list[tuple[Fold, int, int]]:

@@ -8,6 +8,7 @@ this module does.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Iterable, Mapping
@@ -147,6 +148,7 @@ class PreciseBNCallback(TrainerCallback):
         return new, info
 
 
+@functools.cache  # one function per set of label names: a compiled run finds its graph again
 def _inputs_forward(labels: frozenset[str]) -> Forward:
     """``model(**inputs)`` for dict batches, without the labels and the keys ``forward``
     does not take; other batches as `precisebn.recompute_bn_buffers` feeds them."""
