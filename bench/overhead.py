@@ -325,8 +325,8 @@ def block_rows(rows: int) -> Iterator[None]:
     base = recompute_module._ModelPass
 
     class Rows(base):  # type: ignore[misc, valid-type]
-        def __init__(self, recorder: Any, weights: Any, *, expected: int, errors: bool) -> None:
-            super().__init__(recorder, weights, expected=expected, errors=errors)
+        def __init__(self, recorder: Any, weights: Any, *, errors: bool, **options: Any) -> None:
+            super().__init__(recorder, weights, errors=errors, **options)
             self.fold = recorder.fold(
                 self.resolved, rows=rows, errors=errors, start=None, check=True
             )

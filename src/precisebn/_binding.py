@@ -117,6 +117,7 @@ class Binding:
         self.layers = dict(layers)
         self.layout = Layout({name: m.num_features for name, m in self.layers.items()})
         self.stat_keys = [buffer_key(name, stat) for name in self.layers for stat in STAT_NAMES]
+        self._tree = _Tree(model)
         self._modules = list(self.target.modules())
         self._counters = _counter_keys(model, self.layers)
         self.compiled_parts = _has_compiled_parts(model)
@@ -143,7 +144,7 @@ class Binding:
         Raises:
             ValueError: ``weights`` names tensors the model does not have.
         """
-        params, buffers = _named_tensors(self.model)
+        params, buffers = self._tree.tensors()
         _check_names("params", weights.params, params)
         _check_names("buffers", weights.buffers, buffers)
         params.update(weights.params or {})
@@ -249,13 +250,15 @@ class Binding:
         """Afterwards, also on error: undo attributes the forward set on its modules, and
         report a write into the caller's tensors that went around every binding."""
         watched = resolved.params if resolved.owned else {**resolved.params, **resolved.buffers}
-        versions = {key: t._version for key, t in watched.items()}
+        tensors = list(watched.values())
+        versions = [t._version for t in tensors]
         attributes = [(m, dict(vars(m))) for m in self._modules]
         try:
             yield
         finally:
             _restore_attributes(attributes)
-            _check_versions(watched, versions)
+            if [t._version for t in tensors] != versions:
+                _report_writes(watched, versions)
 
     def _counter_tensors(self, buffers: Mapping[str, Tensor]) -> dict[str, Tensor]:
         fresh = iter(torch.zeros(len(self._counters), dtype=torch.long).unbind(0))
@@ -325,19 +328,41 @@ def _set_tensor(target: nn.Module, key: str, tensor: Tensor) -> None:
     NamedMemberAccessor(target).set_tensor(key, tensor)
 
 
-def _named_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``dict(model.named_parameters())`` and ``dict(model.named_buffers())``, in one walk."""
-    params: dict[str, Tensor] = {}
-    buffers: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for prefix, module in model.named_modules():
-        dot = prefix + "." if prefix else ""
-        for out, members in ((params, module._parameters), (buffers, module._buffers)):
-            for name, tensor in members.items():
-                if tensor is not None and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    out[dot + name] = tensor
-    return params, buffers
+def _same_children(entry: tuple[str, nn.Module, tuple[nn.Module | None, ...]]) -> bool:
+    _, module, children = entry
+    now = module._modules.values()
+    return len(children) == len(now) and all(map(operator.is_, children, now))
+
+
+class _Tree:
+    """A model's modules by name, walked once: `tensors` reads their current tensors and
+    walks anew only when a module's children changed (a submodule replaced, added or
+    removed anywhere), which it checks on every call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._walk()
+
+    def _walk(self) -> None:
+        self.modules = [
+            (prefix + "." if prefix else "", module, tuple(module._modules.values()))
+            for prefix, module in self.model.named_modules()
+        ]
+
+    def tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``dict(model.named_parameters())`` and ``dict(model.named_buffers())``."""
+        if not all(map(_same_children, self.modules)):
+            self._walk()
+        params: dict[str, Tensor] = {}
+        buffers: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        for dot, module, _ in self.modules:
+            for out, members in ((params, module._parameters), (buffers, module._buffers)):
+                for name, tensor in members.items():
+                    if tensor is not None and id(tensor) not in seen:
+                        seen.add(id(tensor))
+                        out[dot + name] = tensor
+        return params, buffers
 
 
 def _check_names(
@@ -398,13 +423,15 @@ def _restore_attributes(saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
         now.update(before)
 
 
-def _check_versions(tensors: Mapping[str, Tensor], versions: Mapping[str, int]) -> None:
+def _report_writes(tensors: Mapping[str, Tensor], versions: list[int]) -> None:
     """Report tensors of the model that were written in place during the run.
 
     Buffers are bound as guards, which copy on write, so this catches what goes around
     them: a parameter written in place, a buffer written through another reference.
     """
-    changed = [key for key, t in tensors.items() if t._version != versions[key]]
+    changed = [
+        key for (key, t), v in zip(tensors.items(), versions, strict=True) if t._version != v
+    ]
     if changed:
         raise RuntimeError(
             f"the forward wrote into the model's own tensor(s) {changed[:8]} in place during "

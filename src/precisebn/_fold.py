@@ -35,7 +35,6 @@ from precisebn._moments import (
     Moments,
     Stats,
     from_batch,
-    joined,
     merge,
     merge_layer,
     nonfinite_message,
@@ -101,14 +100,21 @@ class Fold:
         """Start afresh from ``start`` (empty sums without): nothing of earlier batches
         remains, so one fold can serve call after call."""
         self.block.zero_()  # rows a batch leaves unwritten must hold no earlier values
-        self._sums.zero_()
-        self._sliced = [False] * len(self.layout.names)
-        if start is not None:
-            first = joined(start, self.layout)
-            self._shift.copy_(first.mean)
-            self._n.copy_(first.count)
-            self._q.copy_(first.m2)
-            self._sliced = [start[name].count.dim() > 0 for name in self.layout.names]
+        if start is None:
+            self._sums.zero_()
+            self._sliced = [False] * len(self.layout.names)
+        else:  # the state's moments as sums about its means: S = 0, Q = m2
+            parts = [start[name] for name in self.layout.names]
+            device = self._sums.device
+            if any(m.mean.device != device for m in parts):
+                parts = [Moments(*(t.to(device) for t in m)) for m in parts]
+            torch.cat([m.mean for m in parts], out=self._shift)
+            torch.cat([m.count.expand_as(m.mean) for m in parts], out=self._n)
+            torch.cat([m.m2 for m in parts], out=self._q)
+            self._s1.zero_()
+            if self._spread is not None:
+                self._sums[4:].zero_()
+            self._sliced = [m.count.dim() > 0 for m in parts]
         self._residual: Stats = {}
         self._clusters: list[tuple[int, Moments | None, Moments]] = []
         self._finite: list[Tensor] = []

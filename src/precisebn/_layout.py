@@ -65,7 +65,7 @@ class Layout:
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """The per-layer views of a flat vector (the last dimension is split)."""
-        return list(torch.split(flat, self.sizes, dim=-1))
+        return list(flat.split_with_sizes(self.sizes, dim=-1))
 
     def per_channel(self, values: Sequence[float], device: torch.device) -> Tensor:
         """A float64 vector holding ``values[i]`` on every channel of layer ``i``."""

@@ -376,7 +376,7 @@ class _ModelPass:
         *,
         expected: int,
         errors: bool,
-        compile: bool | Mapping[str, Any] | None,
+        compile: bool | Mapping[str, Any] | None = False,
     ) -> None:
         self.recorder = recorder
         binding = recorder.binding
