@@ -403,3 +403,21 @@ def test_channels_first_reached_late_keep_exact_errors_far_from_zero() -> None:
         got = info.stderr["bn.running_mean"][channel], info.stderr["bn.running_var"][channel]
         torch.testing.assert_close(got[0], want_mean, rtol=1e-9, atol=0)
         torch.testing.assert_close(got[1], want_var, rtol=1e-9, atol=0)
+
+
+def test_the_trace_ends_on_the_final_errors_and_shrinks_with_the_batches() -> None:
+    case = Gaussian()
+    gen = torch.Generator().manual_seed(4)
+    new, info = precisebn.recompute_bn_buffers(
+        case.model, [case.batch(64, gen) for _ in range(70)], num_batches=70, return_info=True
+    )
+    ((layer, points),) = info.trace.items()
+    assert [b for b, _ in points] == [16, 32, 48, 64, 70]
+    var = new["1.running_var"].double()
+    final = torch.maximum(
+        info.stderr["1.running_mean"] / var.sqrt(), info.stderr["1.running_var"] / var
+    )
+    assert points[-1][1] == pytest.approx(final.max().item(), rel=1e-6)
+    assert points[-1][1] < points[0][1]  # errors shrink as 1 / sqrt(batches)
+    _, plain = precisebn.recompute_bn_buffers(case.model, [case.batch(8, gen)], return_info=True)
+    assert plain.trace[layer] == ((1, math.inf),)  # one batch: no spread to estimate from

@@ -4,6 +4,7 @@ recompute says about its result (`RunInfo`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,10 @@ class RunInfo(NamedTuple):
             values of one batch are negatively correlated (a layer behind another BN layer,
             which normalises every batch to the same mean). It is an estimate from the
             batches' spread, with the noise of ``B - 1`` degrees of freedom.
+        trace: per layer, ``(batches, error)`` at every pooling point of this process's
+            run (every 16 batches, and at the end): the batches folded so far and the
+            largest relative standard error of the layer's channels then, the figure
+            ``tol=`` compares (see *How many batches?*).
     """
 
     num_batches: int
@@ -40,6 +45,7 @@ class RunInfo(NamedTuple):
     converged: bool | None
     stderr: dict[str, Tensor]
     n_eff: dict[str, float]
+    trace: Mapping[str, tuple[tuple[int, float], ...]] = MappingProxyType({})
 
 
 def bn_buffers(model: nn.Module, *, layers: LayerSelector = None) -> dict[str, Tensor]:

@@ -76,7 +76,7 @@ def worst(stats: Stats, spreads: Spreads) -> Worst | None:
     for layer, m in stats.items():
         rel = relative_errors(m, evaluate(m, spreads[layer]))
         reached = m.count.expand_as(m.mean) >= 2
-        rel = torch.where(reached, torch.nan_to_num(rel, nan=math.inf), -1.0)
+        rel = torch.where(reached, torch.where(rel.isnan(), math.inf, rel), -1.0)
         top, channel = rel.max(0)
         per_layer.append(torch.stack([top, channel.to(top.dtype)]))
     table = torch.stack(per_layer).cpu().tolist()

@@ -24,6 +24,7 @@ the cost of one operation per block and one transfer at the end.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import NamedTuple, TypeAlias
 
@@ -40,7 +41,7 @@ from precisebn._moments import (
     nonfinite_message,
     parted,
 )
-from precisebn._stderr import Spread, Spreads, accumulate, terms
+from precisebn._stderr import Spread, Spreads, accumulate, evaluate, relative_errors, terms
 from precisebn._tags import Call
 
 __all__ = ["BLOCK", "Fold", "LayerCount"]
@@ -94,6 +95,7 @@ class Fold:
         self._shift, self._n, self._s1, self._q, *spread = self._sums.unbind(0)
         self._spread = Spread(self._shift, *spread) if errors else None
         self._weights: dict[tuple[LayerCount, ...], _Weights] = {} if cache is None else cache
+        self._owners: Tensor | None = None
         self.reset(start)
 
     def reset(self, start: Stats | None = None) -> None:
@@ -122,6 +124,8 @@ class Fold:
         self._residual_finite: list[tuple[int, Tensor]] = []
         self._held: list[tuple[LayerCount, ...]] = []
         self._held_index: list[int] = []
+        self._trace: list[tuple[int, Tensor]] = []
+        self.batches = 0  # pooled so far
         self.k = 0
         self.recorded: set[str] = set()
         """Layers that at least one call reached."""
@@ -324,7 +328,44 @@ class Fold:
         if self.check:  # one flag per pool, read at the end: non-finite sums stay so
             self._finite.append((self._s1 + self._q).isfinite().all())
             self._pools.append((self._held_index[0], self._held_index[-1]))
+        self.batches += self.k
+        if self._spread is not None:
+            self._trace.append((self.batches, self._worst_per_layer()))
         self.k, self._held, self._held_index = 0, [], []
+
+    def _worst_per_layer(self) -> Tensor:
+        """Per layer, its channels' largest relative standard error (no host sync)."""
+        assert self._spread is not None
+        total = self._n.clamp_min(1.0)
+        moments = Moments(
+            self._n,
+            self._shift + self._s1 / total,
+            (self._q - self._s1.square() / total).clamp_min(0.0),
+        )
+        relative = relative_errors(moments, evaluate(moments, self._spread))
+        relative = torch.where(relative.isnan(), math.inf, relative)  # NaN moments count as worst
+        relative = torch.where(self._n >= 2, relative, -math.inf)  # unreached channels: none
+        if self._owners is None:
+            self._owners = self.layout.owners(self.device)
+        worst = torch.full(
+            (len(self.layout.names),), -math.inf, dtype=torch.float64, device=self.device
+        )
+        return worst.scatter_reduce_(0, self._owners, relative, "amax")
+
+    def trace(self) -> dict[str, tuple[tuple[int, float], ...]]:
+        """Per layer, ``(batches, largest relative standard error)`` at every pooling point
+        (one transfer to the host); empty without ``errors``."""
+        self._pool()
+        if not self._trace:
+            return {}
+        table = torch.stack([worst for _, worst in self._trace]).cpu().tolist()
+        points = [batches for batches, _ in self._trace]
+        return {
+            name: tuple(
+                (b, row[i]) for b, row in zip(points, table, strict=True) if row[i] > -math.inf
+            )
+            for i, name in enumerate(self.layout.names)
+        }
 
     def _pool_clusters(self) -> None:
         """Replace, in the standard-error sums, the first call of each batch in which a layer

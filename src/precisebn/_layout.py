@@ -74,13 +74,16 @@ class Layout:
         plain = torch.tensor([float(v) for v in values], dtype=torch.float64)
         return torch.repeat_interleave(plain, torch.tensor(self.sizes)).to(device)
 
+    def owners(self, device: torch.device) -> Tensor:
+        """Per channel, the index of its layer."""
+        sizes = torch.tensor(self.sizes, device=device)
+        return torch.repeat_interleave(torch.arange(len(self.sizes), device=device), sizes)
+
     def count_per_layer(self, flags: Tensor) -> list[list[int]]:
         """Per layer, how many of its channels ``flags`` (``[k, C]`` booleans) set, for each
         of the ``k`` rows: one transfer to the host whatever the number of layers."""
         device = flags.device
-        owner = torch.repeat_interleave(
-            torch.arange(len(self.sizes), device=device), torch.tensor(self.sizes, device=device)
-        )
+        owner = self.owners(device)
         totals = torch.zeros(flags.shape[0], len(self.sizes), dtype=torch.long, device=device)
         totals.index_add_(1, owner, flags.long())
         counts: list[list[int]] = totals.cpu().tolist()

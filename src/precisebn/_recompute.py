@@ -596,7 +596,8 @@ def _result(
     if options.errors:
         devices = {key: t.device for key, t in like.items()}
         stderr, n_eff = standard_errors(stats, spreads, devices=devices)
-    return new, RunInfo(used, samples, converged, stderr, n_eff)
+    trace = p.fold.trace() if options.errors else {}
+    return new, RunInfo(used, samples, converged, stderr, n_eff, trace)
 
 
 @contextlib.contextmanager
@@ -722,4 +723,5 @@ def _recompute_transformed(
         stderr = {k: torch.stack([i.stderr[k] for _, i in results]) for k in stderr}
     n_eff = info.n_eff if len(results) == 1 else {}
     new = dict(zip(first, outputs, strict=True))
-    return new, RunInfo(info.num_batches, info.num_samples, converged, stderr, n_eff)
+    trace = info.trace if len(results) == 1 else {}
+    return new, RunInfo(info.num_batches, info.num_samples, converged, stderr, n_eff, trace)
