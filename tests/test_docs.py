@@ -175,3 +175,19 @@ def test_quickstart_functional_call_uses_the_new_buffers() -> None:
         precisebn.apply_bn_buffers(model, new)
         applied = model(scope["images"])
     torch.testing.assert_close(via_call, applied)
+
+
+def test_adaptation_snippets_run() -> None:
+    scope = namespace()
+    gen = torch.Generator().manual_seed(2)
+    scope["target_loader"] = [torch.randn(16, 3, 8, 8, generator=gen) * 2 + 1 for _ in range(4)]
+    scope["test_loader"] = scope["target_loader"]
+    model = scope["model"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for index, block in enumerate(snippets("adaptation.md")):
+        exec(compile(block, f"adaptation.md[{index}]", "exec"), scope)
+    assert scope["logits"].shape == (16, 5)
+    assert scope["state"]["head.3"].count.item() == 4 * 16
+    changed = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
+    assert changed
+    assert all("running" in k for k in changed)  # load_state_dict(new) wrote statistics only

@@ -103,3 +103,57 @@ def test_grad_and_value_through_capture_matches_eager_autograd(example: dict[str
         torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * (m2 / (count - 1)).float())
     assert moments["1"].count.item() == 12 * 8 * 8
     assert moments["4"].count.item() == 12 * 4 * 4
+
+
+@pytest.fixture(scope="module")
+def adaptation() -> Iterator[tuple[dict[str, Any], dict[str, dict[str, float]]]]:
+    script = runpy.run_path(str(EXAMPLES / "test_time_adaptation.py"), run_name="example")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield script, script["main"]()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_adaptation_example_scores_every_shift_and_method(
+    adaptation: tuple[dict[str, Any], dict[str, dict[str, float]]],
+) -> None:
+    script, table = adaptation
+    assert list(table) == ["clean", "noise", "contrast", "blur"]
+    for row in table.values():
+        assert list(row) == ["none", "linear mix", "exact prior", "full"]
+        assert all(0.0 <= v <= 1.0 for v in row.values())
+    assert table["clean"]["none"] > 0.9  # the network learned the clean digits
+    # A shift of the inputs' statistics is what adapting BN is for: the batch's own
+    # statistics recover much of what the source statistics lose.
+    assert table["contrast"]["full"] > table["contrast"]["none"] + 0.2
+    printed = script["format_table"](table)
+    assert printed.splitlines()[0].split() == [
+        "shift",
+        "none",
+        "linear",
+        "mix",
+        "exact",
+        "prior",
+        "full",
+    ]
+
+
+def test_adaptation_example_exact_prior_is_the_library_merge(
+    adaptation: tuple[dict[str, Any], dict[str, dict[str, float]]],
+) -> None:
+    """The example's linear mix and the library's exact merge differ by the between-group
+    term only: with the batch's mean equal to the source's, they normalise alike."""
+    script, _ = adaptation
+    conv_bn = torch.nn.Sequential(*list(script["make_model"]().children())[:2]).eval()
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():  # give the source the statistics of this very batch
+        features = conv_bn[0](x)
+        conv_bn[1].running_mean.copy_(features.mean(dim=(0, 2, 3)))
+        conv_bn[1].running_var.copy_(features.var(dim=(0, 2, 3), correction=0))
+        want = script["linear_mix"](conv_bn, 0.5)(x)
+    exact = precisebn.adapter(conv_bn, prior=0.5)
+    got, _ = exact.predict(exact.init(), x)
+    # No between-group term; the exact variance carries the factor (N + n) / (N + n - 1).
+    torch.testing.assert_close(got, want, rtol=2 / (8 * 64), atol=1e-5)

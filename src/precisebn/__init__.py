@@ -2,6 +2,9 @@
 
 import logging as _logging
 
+from precisebn._adapt import Adapter as Adapter
+from precisebn._adapt import adapt as adapt
+from precisebn._adapt import adapter as adapter
 from precisebn._batches import Forward as Forward
 from precisebn._buffers import RunInfo as RunInfo
 from precisebn._buffers import apply_bn_buffers as apply_bn_buffers
@@ -22,12 +25,15 @@ from precisebn._recorder import update as update
 from precisebn._report import report as report
 
 __all__ = [
+    "Adapter",
     "Forward",
     "LayerSelector",
     "Moments",
     "Recorder",
     "RunInfo",
     "Stats",
+    "adapt",
+    "adapter",
     "all_reduce_stats",
     "apply_bn_buffers",
     "bn_buffers",

@@ -82,6 +82,11 @@ class _NoSink:
     def degenerate(self, call: Call, shape: tuple[int, ...]) -> None:
         raise RuntimeError("a precisebn tag was used outside its run")
 
+    def output(
+        self, call: Call, out: Tensor, input: Tensor, weight: Any, bias: Any, eps: float
+    ) -> Tensor:
+        raise RuntimeError("a precisebn tag was used outside its run")
+
 
 class TagState:
     """What a binding's tags report to (`precisebn._tags.TagOwner`): the current session's

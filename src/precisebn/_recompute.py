@@ -14,7 +14,7 @@ import copy
 import itertools
 import logging
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 
 import torch
@@ -312,6 +312,11 @@ def recompute_bn_buffers_many(
     return results if return_info else [new for new, _ in results]
 
 
+Transform = Callable[[Mapping[str, Tensor], Stats, int], Stats]
+"""``transform(buffers, stats, samples) -> stats``: the model's current buffers, the pooled
+statistics, and how many samples they come from."""
+
+
 class _Options(NamedTuple):
     num_batches: int
     tol: float | None
@@ -322,6 +327,9 @@ class _Options(NamedTuple):
     errors: bool
     """Whether the run estimates standard errors (for ``tol`` or the info)."""
     compile: bool | Mapping[str, Any] | None
+    transform: Transform | None = None
+    """What becomes of each model's pooled statistics before they are buffers (the source
+    prior of test-time adaptation)."""
 
 
 def _options(
@@ -584,7 +592,8 @@ def _result(
         "recomputed %d BatchNorm layers over %d batches (%d samples)", len(stats), used, samples
     )
     like = p.recorder.binding.bn_buffers(p.resolved)
-    new = finalize(stats, like=like)
+    pooled = stats if options.transform is None else options.transform(like, stats, samples)
+    new = finalize(pooled, like=like)
     converged = None
     if options.tol is not None:
         found = worst(stats, spreads)

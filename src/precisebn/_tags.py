@@ -95,6 +95,13 @@ class Sink(Protocol):
         """Note a call with fewer than two values per channel (its batch cannot count)."""
         ...
 
+    def output(
+        self, call: Call, out: Tensor, input: Tensor, weight: Any, bias: Any, eps: float
+    ) -> Tensor:
+        """What the call returns: ``out``, the training-mode output (a recompute's sink), or
+        the input normalised otherwise (test-time adaptation's)."""
+        ...
+
 
 class TagOwner(Protocol):
     """What a tag needs from the run it belongs to."""
@@ -189,18 +196,20 @@ def _batch_norm(
             f"passed cover {len(mean_tag.span)}"
         )
     call = Call(mean_tag.layer, input.numel() // channels, mean_tag.span, mean_tag.full)
-    dtype = mean_tag.buffer_dtype
+    dtype, sink = mean_tag.buffer_dtype, owner.sink
     if call.count < 2:
-        owner.sink.degenerate(call, tuple(shape))
-        return _output_only(input, weight, bias, dtype, eps, owner.cudnn)
-    if dtype not in _LOW_PRECISION:
+        sink.degenerate(call, tuple(shape))
+        out = _output_only(input, weight, bias, dtype, eps, owner.cudnn)
+    elif dtype not in _LOW_PRECISION:
         # The op under F.batch_norm, in training mode with momentum 1: the kernel leaves the
         # batch mean and unbiased variance in the rows.
-        mean, var = owner.sink.rows(call, dtype, input.device)
-        return torch.batch_norm(input, weight, bias, mean, var, True, 1.0, eps, owner.cudnn)
-    mean, var = owner.sink.rows(call, torch.float32, input.device)
-    torch.batch_norm(input, None, None, mean, var, True, 1.0, eps, owner.cudnn)
-    return _output_only(input, weight, bias, dtype, eps, owner.cudnn)
+        mean, var = sink.rows(call, dtype, input.device)
+        out = torch.batch_norm(input, weight, bias, mean, var, True, 1.0, eps, owner.cudnn)
+    else:
+        mean, var = sink.rows(call, torch.float32, input.device)
+        torch.batch_norm(input, None, None, mean, var, True, 1.0, eps, owner.cudnn)
+        out = _output_only(input, weight, bias, dtype, eps, owner.cudnn)
+    return sink.output(call, out, input, weight, bias, eps)
 
 
 def _output_only(
