@@ -33,7 +33,7 @@ from precisebn._binding import Weights, bind
 from precisebn._fold import Fold
 from precisebn._layers import MEAN, VAR, LayerSelector, buffer_key
 from precisebn._moments import Moments, Stats, merge_layer
-from precisebn._recompute import Result, _options, _recompute_models, _recompute_transformed
+from precisebn._recompute import Result, run_models, run_options, run_stack
 from precisebn._recorder import Recorder, check_followed
 from precisebn._tags import Call
 from precisebn._vmap import check_unbatched, is_transformed
@@ -388,7 +388,7 @@ def adapt(
     def transform(source: Mapping[str, Tensor], stats: Stats, samples: int) -> Stats:
         return adapted_stats(source, stats, prior=settings, samples=samples)
 
-    options = _options(
+    options = run_options(
         num_batches=num_batches,
         tol=None,
         layers=layers,
@@ -401,7 +401,7 @@ def adapt(
     )._replace(transform=transform)
     weights = Weights(params, buffers)
     if is_transformed(params, buffers):
-        result = _recompute_transformed(model, loader, weights, options)
+        result = run_stack(model, loader, weights, options)
     else:
-        result = _recompute_models([(model, weights)], loader, options)[0]
+        result = run_models([(model, weights)], loader, options)[0]
     return result if return_info else result[0]

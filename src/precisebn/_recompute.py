@@ -45,7 +45,15 @@ from precisebn._vmap import weights as weights_of
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["HOLD_BYTES", "recompute_bn_buffers", "recompute_bn_buffers_many"]
+__all__ = [
+    "HOLD_BYTES",
+    "Result",
+    "recompute_bn_buffers",
+    "recompute_bn_buffers_many",
+    "run_models",
+    "run_options",
+    "run_stack",
+]
 
 logger = logging.getLogger("precisebn")
 
@@ -209,7 +217,7 @@ def recompute_bn_buffers(
         0.0
         >>> _ = model.load_state_dict(new, strict=False)
     """
-    options = _options(
+    options = run_options(
         num_batches=num_batches,
         tol=tol,
         layers=layers,
@@ -221,9 +229,9 @@ def recompute_bn_buffers(
         return_info=return_info,
     )
     if is_transformed(params, buffers):
-        result = _recompute_transformed(model, loader, Weights(params, buffers), options)
+        result = run_stack(model, loader, Weights(params, buffers), options)
     else:
-        result = _recompute_models([(model, Weights(params, buffers))], loader, options)[0]
+        result = run_models([(model, Weights(params, buffers))], loader, options)[0]
     return result if return_info else result[0]
 
 
@@ -296,7 +304,7 @@ def recompute_bn_buffers_many(
             raise TypeError(f"models[{i}] is a {type(model).__name__}, not a torch.nn.Module")
     per_params = _per_model("params", params, len(models))
     per_buffers = _per_model("buffers", buffers, len(models))
-    options = _options(
+    options = run_options(
         num_batches=num_batches,
         tol=tol,
         layers=layers,
@@ -308,7 +316,7 @@ def recompute_bn_buffers_many(
         return_info=return_info,
     )
     specs = [(m, Weights(p, b)) for m, p, b in zip(models, per_params, per_buffers, strict=True)]
-    results = _recompute_models(specs, loader, options)
+    results = run_models(specs, loader, options)
     return results if return_info else [new for new, _ in results]
 
 
@@ -332,7 +340,7 @@ class _Options(NamedTuple):
     prior of test-time adaptation)."""
 
 
-def _options(
+def run_options(
     *,
     num_batches: int,
     tol: float | None,
@@ -445,7 +453,7 @@ class _ModelPass:
         )
 
 
-def _recompute_models(specs: list[Spec], loader: Iterable[Any], options: _Options) -> list[Result]:
+def run_models(specs: list[Spec], loader: Iterable[Any], options: _Options) -> list[Result]:
     """One pass over ``loader`` for every model of ``specs``; a result per model."""
     passes = []
     expected = _expected_batches(loader, options.num_batches)
@@ -713,7 +721,7 @@ def _per_model(
 # --------------------------------------------------------------------- under torch.func
 
 
-def _recompute_transformed(
+def run_stack(
     model: nn.Module, loader: Iterable[Any], stacked: Weights, options: _Options
 ) -> Result:
     """`recompute_bn_buffers` for transformed weights: every member in one pass."""
@@ -721,7 +729,7 @@ def _recompute_transformed(
 
     def many(members: list[dict[str, Tensor]]) -> list[list[Tensor]]:
         specs: list[Spec] = [(model, Weights(*split_weights(m))) for m in members]
-        results[:] = _recompute_models(specs, loader, options)
+        results[:] = run_models(specs, loader, options)
         return [list(new.values()) for new, _ in results]
 
     outputs = per_member(many, weights_of(stacked.params, stacked.buffers))
