@@ -455,18 +455,15 @@ def _has_compiled_parts(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def _eager(compiled: bool) -> Iterator[None]:
-    """Run ``torch.compile``d parts eagerly during the run.
+    """Run ``torch.compile``d submodules eagerly during an eager run.
 
     Compiled code would trace the tags' Python handlers and recompile for every new
-    guard value; the eager forward computes the same function, and precise BN needs no
-    graph. Needs ``torch.compiler.set_stance`` (torch 2.6 or newer); older versions
-    compile as usual.
+    guard value; the eager forward computes the same function.
     """
-    stance = getattr(torch.compiler, "set_stance", None)
-    if not compiled or stance is None:
+    if not compiled:
         yield
         return
-    with stance("force_eager"):
+    with torch.compiler.set_stance("force_eager"):
         yield
 
 
