@@ -41,13 +41,11 @@ from torch.overrides import TorchFunctionMode
 from precisebn._batches import Forward
 from precisebn._binding import Binding, Resolved
 from precisebn._layers import MEAN, VAR, buffer_key
+from precisebn._tags import batch_norm_arguments
 
 __all__ = ["Compiled", "CompiledRow", "GraphState", "cached"]
 
 logger = logging.getLogger("precisebn")
-
-_F_ORDER = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum")
-_ATEN_ORDER = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum")
 
 
 class CompiledRow(NamedTuple):
@@ -82,8 +80,7 @@ class _StatsMode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         if func is F.batch_norm or func is torch.batch_norm:
-            order = _F_ORDER if func is F.batch_norm else _ATEN_ORDER
-            named = dict(zip((*order, "eps"), args, strict=False)) | kwargs
+            named = batch_norm_arguments(func, args, kwargs)
             i = self._layer(named.get("running_mean"), named.get("running_var"))
             if i is not None:
                 return self._record(i, named)
@@ -130,7 +127,7 @@ class _StatsMode(TorchFunctionMode):
             wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
             var, mean = torch.var_mean(wide, dims, correction=1)
             self.calls.append((i, torch.stack([mean, var]), count))
-        weight, bias, eps = named.get("weight"), named.get("bias"), named.get("eps", 1e-5)
+        weight, bias, eps = named["weight"], named["bias"], named["eps"]
         # The training-mode output; torch.batch_norm, unlike F.batch_norm, takes a batch of
         # one value per channel (which then counts for nothing).
         return torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps, False)

@@ -21,7 +21,6 @@ of a private subclass that hold a copy of the caller's values and whose
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -33,12 +32,13 @@ from torch import Tensor
 from precisebn._guard import ForbiddenWriteError, Guard, Protection
 from precisebn._layers import MEAN, VAR
 
-__all__ = ["Call", "Sink", "Tag", "TagOwner", "make_tag"]
+__all__ = ["Call", "Sink", "Tag", "TagOwner", "batch_norm_arguments", "make_tag"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_F_BATCH_NORM = inspect.signature(F.batch_norm)
-_ATEN_ORDER = ("input", "weight", "bias", "running_mean", "running_var", "training")
-_F_ORDER = ("input", "running_mean", "running_var", "weight", "bias")
+_F_ORDER = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_ATEN_ORDER = (
+    "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn"
+)  # fmt: skip
 _METADATA = frozenset(
     [
         Tensor.size,
@@ -144,13 +144,9 @@ class Tag(Guard):
                 get = kwargs.get
                 input, mean, var = args
                 return _batch_norm(input, mean, var, get("weight"), get("bias"), get("eps", 1e-5))
-            call = _F_BATCH_NORM.bind(*args, **(kwargs or {}))
-            call.apply_defaults()
-            return _batch_norm_named(call.arguments)
+            return _batch_norm_named(batch_norm_arguments(func, args, kwargs))
         if func is torch.batch_norm:
-            named = dict(zip((*_ATEN_ORDER, "momentum", "eps"), args, strict=False))
-            named.update(kwargs or {})
-            return _batch_norm_named(named)
+            return _batch_norm_named(batch_norm_arguments(func, args, kwargs))
         kwargs = kwargs or {}
         if func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
@@ -171,9 +167,19 @@ def make_tag(data: Tensor, *, layer: str, stat: str, span: range, owner: TagOwne
     return tag
 
 
+def batch_norm_arguments(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The arguments of a ``F.batch_norm`` or ``torch.batch_norm`` call by name (plain
+    Python, which dynamo traces too); ``weight``, ``bias`` and ``eps`` default as there."""
+    order = _F_ORDER if func is F.batch_norm else _ATEN_ORDER
+    named = dict(zip(order, args, strict=False))
+    return {"weight": None, "bias": None, "eps": 1e-5} | named | (kwargs or {})
+
+
 def _batch_norm_named(named: dict[str, Any]) -> Tensor:
-    input, mean, var, weight, bias = (named[k] for k in _F_ORDER)
-    return _batch_norm(input, mean, var, weight, bias, named["eps"])
+    input, mean, var = named["input"], named["running_mean"], named["running_var"]
+    return _batch_norm(input, mean, var, named["weight"], named["bias"], named["eps"])
 
 
 def _batch_norm(
