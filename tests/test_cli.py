@@ -715,3 +715,150 @@ def test_buffers_the_forward_writes_are_written_out_as_they_were(
     assert changed == ["bn.running_mean", "bn.running_var"]
     loader = cli_factories.make_loader()[:4]
     assert_matches(after, pooled_inputs(model, loader))
+
+
+# ----------------------------------------------------------------------------------- --plot
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_is_written_after_the_checkpoint(
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
+) -> None:
+    pytest.importorskip("matplotlib")
+    from precisebn import plot
+
+    drawn: list[Any] = []
+    draw, write = plot.report, plot._write_atomically
+
+    def spy_draw(*args: Any, **kwargs: Any) -> Any:
+        drawn.append(draw(*args, **kwargs))
+        return drawn[-1]
+
+    out, image = tmp_path / "out.pt", tmp_path / "moved.png"
+    checkpoint_there: list[bool] = []
+
+    def spy_write(data: bytes, path: Path) -> None:
+        checkpoint_there.append(out.exists())
+        write(data, path)
+
+    monkeypatch.setattr(plot, "report", spy_draw)
+    monkeypatch.setattr(plot, "_write_atomically", spy_write)
+    data = f"{FACTORIES}:make_long_loader"
+    args = recompute_args(checkpoint, out, data=data, num_batches="48")
+    assert _cli.main([*args, "--tol", "0.3", "--plot", str(image)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.rstrip().endswith(f"wrote {out}\nwrote {image}")
+    assert printed.err == ""
+    assert checkpoint_there == [True]
+    assert image.read_bytes().startswith(PNG)
+    assert files_in(tmp_path) == ["in.pt", "moved.png", "out.pt"]  # no temporary file left
+    # The figure: the three layers' shifts, and their errors with the --tol line.
+    (figure,) = drawn
+    _, ratio_ax, errors_ax = figure.axes
+    assert [label.get_text() for label in ratio_ax.get_xticklabels()] == ["1", "4", "9"]
+    (tol,) = (line for line in errors_ax.get_lines() if line.get_label() == "tol = 0.3")
+    assert list(tol.get_ydata()) == [0.3, 0.3]
+
+
+def test_plot_without_matplotlib_fails_before_the_work(
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    called: list[str] = []
+    monkeypatch.setattr(_cli, "_build_model", lambda spec: called.append(spec))
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
+    args = recompute_args(checkpoint, tmp_path / "out.pt")
+    assert _cli.main([*args, "--plot", str(tmp_path / "moved.png")]) == 1
+    assert capsys.readouterr().err == (
+        "precisebn recompute: error: --plot: precisebn.plot needs matplotlib: "
+        "pip install 'precisebn[plot]'\n"
+    )
+    assert called == []
+    assert files_in(tmp_path) == ["in.pt"]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("moved.png", "exists; choose another path or pass overwrite=True (here: --overwrite)"),
+        ("moved.xyz", "--plot: {path}: unknown image format 'xyz': end the name with one of"),
+        ("moved", "--plot: {path}: no image format"),
+        ("out.png", "--plot and --out name the same file"),
+        ("missing/moved.png", "the directory"),
+    ],
+)
+def test_plot_is_checked_before_the_work(
+    name: str,
+    message: str,
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("matplotlib")
+    called: list[str] = []
+    monkeypatch.setattr(_cli, "_build_model", lambda spec: called.append(spec))
+    (tmp_path / "moved.png").write_bytes(b"precious")
+    path = tmp_path / name
+    out = tmp_path / ("out.png" if name == "out.png" else "out.pt")
+    assert _cli.main([*recompute_args(checkpoint, out), "--plot", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("precisebn recompute: error: ")
+    assert err.count("\n") == 1
+    assert message.format(path=path) in err
+    assert called == []
+    assert files_in(tmp_path) == ["in.pt", "moved.png"]
+    assert (tmp_path / "moved.png").read_bytes() == b"precious"
+
+
+def test_plot_overwrite_replaces_the_image(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    pytest.importorskip("matplotlib")
+    image = tmp_path / "moved.svg"
+    image.write_bytes(b"precious")
+    args = [*recompute_args(checkpoint, tmp_path / "out.pt"), "--plot", str(image), "--overwrite"]
+    assert _cli.main(args) == 0
+    assert b"<svg" in image.read_bytes()  # the format follows the suffix
+    assert files_in(tmp_path) == ["in.pt", "moved.svg", "out.pt"]
+
+
+def test_plot_that_cannot_be_written_keeps_the_checkpoint(
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
+) -> None:
+    pytest.importorskip("matplotlib")
+    from precisebn import plot
+
+    def full_disk(data: bytes, path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plot, "_write_atomically", full_disk)
+    out, image = tmp_path / "out.pt", tmp_path / "moved.png"
+    assert _cli.main([*recompute_args(checkpoint, out), "--plot", str(image)]) == 1
+    printed = capsys.readouterr()
+    assert printed.out.rstrip().endswith(f"wrote {out}")
+    assert printed.err == (
+        f"precisebn recompute: error: --plot {image}: cannot write it: "
+        f"OSError: [Errno 28] No space left on device ({out} was written)\n"
+    )
+    assert files_in(tmp_path) == ["in.pt", "out.pt"]
+    cli_factories.make_model().load_state_dict(torch.load(out, weights_only=True))
+
+
+def test_help_names_plot(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _cli.main(["recompute", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--plot OUT.png" in out
+    assert "pip install 'precisebn[plot]'" in out

@@ -35,7 +35,8 @@ fi
 core=(tests src
     --ignore=tests/test_lightning.py --ignore=tests/test_huggingface.py
     --ignore=tests/test_bench_smoke.py
-    --ignore=src/precisebn/lightning.py --ignore=src/precisebn/huggingface.py)
+    --ignore=src/precisebn/lightning.py --ignore=src/precisebn/huggingface.py
+    --ignore=src/precisebn/plot.py --ignore=src/precisebn/mmengine.py)
 
 # pytest with SIGINT at its default: a script started in the background (`&`, nohup) has
 # SIGINT ignored, and the CLI's Ctrl-C tests would inherit that and fail.

@@ -359,9 +359,15 @@ def adapt(
             (the mean stays the source's, and the variance is the pooled values' mean
             square deviation from it).
         num_batches: the most target batches to use.
-        layers, forward, params, buffers, progress, process_group, distributed, compile:
-            as for `precisebn.recompute_bn_buffers` (under ``torch.distributed`` the
-            target's moments are pooled over the ranks first, so every rank adapts alike).
+        layers: as for `precisebn.recompute_bn_buffers`.
+        forward: as for `precisebn.recompute_bn_buffers`.
+        params: as for `precisebn.recompute_bn_buffers`.
+        buffers: as for `precisebn.recompute_bn_buffers`.
+        progress: as for `precisebn.recompute_bn_buffers`.
+        process_group: as for `precisebn.recompute_bn_buffers`; the target's moments are
+            pooled over the ranks first, so every rank adapts alike.
+        distributed: as for `precisebn.recompute_bn_buffers`.
+        compile: as for `precisebn.recompute_bn_buffers`.
         return_info: also return the `RunInfo` of the target run (its standard errors
             are those of the target's statistics).
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from precisebn import __version__, _demo
+from precisebn import __version__, _demo, plot
 from precisebn._batches import BatchLayoutError, Forward
 from precisebn._checkpoint import (
     CheckpointError,
@@ -274,7 +274,11 @@ def _add_recompute(sub: Any, common: argparse.ArgumentParser) -> None:
         help="put the model in eval mode first: dropout and other modules act as at inference "
         "(the BN layers still pool batch statistics)",
     )
-    add("--overwrite", action="store_true", help="replace --out if it exists (it may be the input)")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace --out (and --plot) if it exists (--out may be the input)",
+    )
     add(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -287,6 +291,16 @@ def _add_recompute(sub: Any, common: argparse.ArgumentParser) -> None:
         default=None,
         metavar="K",
         help="flag the K layers that moved most (default: 3, at most a quarter of the layers)",
+    )
+    add(
+        "--plot",
+        type=Path,
+        metavar="OUT.png",
+        help="also draw one image, after --out is written: per layer, every channel's mean "
+        "shift (in new std) and log2 variance ratio, old against new, and below them each "
+        "layer's largest relative standard error against batches, with --tol's line; the "
+        "format follows the suffix (.png, .svg, .pdf, ...); needs matplotlib: "
+        "pip install 'precisebn[plot]'",
     )
     rec.set_defaults(command="recompute", run=run_recompute_command)
 
@@ -334,8 +348,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def run_recompute_command(args: argparse.Namespace) -> int:
-    """``precisebn recompute``: every check first, then the work, then one atomic write."""
+    """``precisebn recompute``: every check first, then the work, then the atomic writes."""
     check_writable(args.out, overwrite=args.overwrite)
+    image_format = None if args.plot is None else _check_plot(args)
     device = _device(args.device)
     model = _build_model(args.model)
     checkpoint = read_checkpoint(args.checkpoint, key=args.key, trusted=args.trusted)
@@ -363,9 +378,36 @@ def run_recompute_command(args: argparse.Namespace) -> int:
         f"({info.num_samples} samples){reached}"
     )
     print(moved)
+    image = None
+    if image_format is not None:  # drawn before the checkpoint is written: nothing is half done
+        eps = eps_by_layer(model)
+        figure = plot.report(checkpoint.state, new, info=info, eps=eps, tol=args.tol)
+        image = plot._render(figure, image_format)
     write_checkpoint(checkpoint.with_buffers(new), args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
+    if image is not None:
+        try:
+            plot._write_atomically(image, args.plot)
+        except OSError as error:
+            raise CLIError(
+                f"--plot {args.plot}: cannot write it: {type(error).__name__}: {error} "
+                f"({args.out} was written)"
+            ) from None
+        print(f"wrote {args.plot}")
     return 0
+
+
+def _check_plot(args: argparse.Namespace) -> str:
+    """Before the work: matplotlib is there, ``--plot`` names an image format and may be
+    written. Returns the format."""
+    try:
+        image_format = plot._image_format(args.plot)
+    except (ImportError, ValueError) as error:
+        raise CLIError(f"--plot: {error}") from None
+    if args.plot.resolve() == args.out.resolve():
+        raise CLIError(f"--plot and --out name the same file, {args.out}")
+    check_writable(args.plot, overwrite=args.overwrite)
+    return image_format
 
 
 def _device(name: str) -> torch.device:
