@@ -862,3 +862,25 @@ def test_help_names_plot(capsys: pytest.CaptureFixture[str]) -> None:
     out = " ".join(capsys.readouterr().out.split())
     assert "--plot OUT.png" in out
     assert "pip install 'precisebn[plot]'" in out
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"), [([], None), (["--compile"], True), (["--no-compile"], False)]
+)
+def test_compile_is_passed_through(
+    checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    flag: list[str],
+    expected: bool | None,
+) -> None:
+    seen: list[Any] = []
+    library = _cli.recompute_bn_buffers
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["compile"])
+        return library(*args, **{**kwargs, "compile": False})  # no compiler's wait in tests
+
+    monkeypatch.setattr(_cli, "recompute_bn_buffers", spy)
+    assert _cli.main([*recompute_args(checkpoint, tmp_path / "out.pt"), *flag]) == 0
+    assert seen == [expected]

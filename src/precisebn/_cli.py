@@ -286,6 +286,13 @@ def _add_recompute(sub: Any, common: argparse.ArgumentParser) -> None:
         help="show a progress bar (default: if standard error is a terminal and tqdm is installed)",
     )
     add(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the batches through one torch.compile graph that returns only the statistics "
+        "(default: when the model from --model is compiled)",
+    )
+    add(
         "--top",
         type=_positive_int,
         default=None,
@@ -367,6 +374,7 @@ def run_recompute_command(args: argparse.Namespace) -> int:
         tol=args.tol,
         forward=_load_forward(args.forward),
         progress=_want_progress(args.progress),
+        compile=args.compile,
         return_info=True,
     )
     moved = report(checkpoint.state, new, info=info, eps=eps_by_layer(model), top=args.top)
