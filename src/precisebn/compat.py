@@ -36,8 +36,9 @@ from torch import Tensor, nn
 
 from precisebn._batches import Forward
 from precisebn._buffers import RunInfo, apply_bn_buffers
-from precisebn._layers import MEAN, parse_key, tracks_stats
+from precisebn._layers import MEAN, LayerSelector, parse_key, tracks_stats
 from precisebn._recompute import recompute_bn_buffers
+from precisebn._refresh import training_layers
 
 __all__ = ["update_bn", "update_bn_stats"]
 
@@ -120,18 +121,15 @@ def update_bn_stats(
     """
     if progress not in (None, "tqdm"):
         raise ValueError(f"progress must be None or 'tqdm', got {progress!r}")
-
-    def training(name: str, module: nn.Module) -> bool:
-        return module.training
-
-    if not any(tracks_stats(m) and m.training for m in model.modules()):
+    layers = training_layers(model)
+    if not layers:
         return
     result = _recompute(
         model,
         data_loader,
         num_batches=num_iters,
         forward=lambda net, batch: net(batch),
-        layers=training,
+        layers=layers,
         progress=progress == "tqdm",
     )
     if result[1].num_batches < num_iters:
@@ -152,7 +150,7 @@ def _recompute(
     *,
     num_batches: int,
     forward: Forward,
-    layers: Callable[[str, nn.Module], bool] | None = None,
+    layers: LayerSelector = None,
     progress: bool = False,
 ) -> tuple[dict[str, Tensor], RunInfo]:
     return recompute_bn_buffers(
