@@ -18,6 +18,10 @@ pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # torch._dynamo's own imports
 ]
+compiles = pytest.mark.skipif(
+    precisebn._compiled.unsupported() is not None,
+    reason=str(precisebn._compiled.unsupported()),
+)
 FAST = {"backend": "aot_eager"}  # dynamo's tracing and checks, without a compiler's wait
 
 
@@ -37,6 +41,7 @@ class Graphs:
         return gm.forward
 
 
+@compiles
 def test_a_compiled_model_runs_compiled_exact_and_untouched(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -53,6 +58,7 @@ def test_a_compiled_model_runs_compiled_exact_and_untouched(
     assert_matches({k.removeprefix("_orig_mod."): v for k, v in new.items()}, reference)
 
 
+@compiles
 def test_compiles_once_for_repeated_runs() -> None:
     model = SmallCNN().train()
     graphs = Graphs()
@@ -77,6 +83,7 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+@compiles
 def test_the_graph_leaves_out_what_the_statistics_do_not_need() -> None:
     model = Classifier().train()
     graphs = Graphs()
@@ -154,6 +161,21 @@ def test_compile_false_runs_a_compiled_model_eagerly() -> None:
     compiled = torch.compile(model, backend="aot_eager")
     data = batches([6, 6])
     new = precisebn.recompute_bn_buffers(compiled, data, compile=False)
+    plain = {k.removeprefix("_orig_mod."): v for k, v in new.items()}
+    assert_matches(plain, pooled_inputs(model, data))
+
+
+def test_a_torch_that_cannot_compile_runs_eagerly_and_says_so(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(precisebn._compiled, "COMPILES_FROM", (99, 0))
+    model = SmallCNN().train()
+    compiled = torch.compile(model, backend="aot_eager")
+    data = batches([6, 6])
+    with caplog.at_level(logging.INFO, logger="precisebn"):
+        new = precisebn.recompute_bn_buffers(compiled, data)
+    (record,) = [r for r in caplog.records if "eagerly" in r.getMessage()]
+    assert "compiled runs need torch>=99.0" in record.getMessage()
     plain = {k.removeprefix("_orig_mod."): v for k, v in new.items()}
     assert_matches(plain, pooled_inputs(model, data))
 

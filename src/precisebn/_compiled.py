@@ -24,6 +24,10 @@ bound as ``None``, which a stock BatchNorm layer reads as "no counter".
 
 Compiled graphs are kept per model, layers and forward function (`cached`), so a run that
 is repeated (a callback that recomputes every epoch) compiles once.
+
+Dynamo traces a torch-function mode entered inside the compiled function from torch 2.8 on
+(2.6 and 2.7 stop at the ``with``: "Graph break under GenericContextWrappingVariable"); on
+older torch a compiled model runs eagerly, with one info log saying so (`unsupported`).
 """
 
 from __future__ import annotations
@@ -43,9 +47,21 @@ from precisebn._binding import Binding, Resolved
 from precisebn._layers import MEAN, VAR, buffer_key
 from precisebn._tags import batch_norm_arguments
 
-__all__ = ["Compiled", "CompiledRow", "GraphState", "cached"]
+__all__ = ["Compiled", "CompiledRow", "GraphState", "cached", "unsupported"]
 
 logger = logging.getLogger("precisebn")
+
+COMPILES_FROM = (2, 8)
+"""The first torch release whose dynamo traces the statistics' mode."""
+
+
+def unsupported() -> str | None:
+    """Why this torch cannot run a recompute compiled, or ``None`` when it can."""
+    version = torch.__version__.split("+")[0]
+    if tuple(int(p) for p in version.split(".")[:2]) >= COMPILES_FROM:
+        return None
+    floor = ".".join(map(str, COMPILES_FROM))
+    return f"compiled runs need torch>={floor} (this is torch {version})"
 
 
 class CompiledRow(NamedTuple):

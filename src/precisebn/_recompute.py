@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from precisebn._batches import Forward, Placed, leading_size, place
 from precisebn._binding import Resolved, Weights, bind
 from precisebn._buffers import RunInfo
-from precisebn._compiled import Compiled, cached
+from precisebn._compiled import Compiled, cached, unsupported
 from precisebn._converge import (
     Stopper,
     check_tol,
@@ -174,7 +174,8 @@ def recompute_bn_buffers(
             graph cannot stand for (a slice of the statistics, a read of them outside the
             batch-norm call, a graph break) runs eagerly from that batch on, with one info
             log saying why. Graphs are kept per model, layers and forward function, so a
-            repeated run compiles once.
+            repeated run compiles once. Compiled runs need torch 2.8 or newer; older
+            releases run eagerly, with an info log.
         return_info: also return a `RunInfo`: how many batches and samples were used,
             whether ``tol`` was reached, and the standard errors.
 
@@ -404,9 +405,13 @@ class _ModelPass:
         self.skipped: list[tuple[int, str]] = []
         self.compiled: Compiled | None = None
         if compile or (compile is None and binding.compiled_parts):
-            options = compile if isinstance(compile, Mapping) else {}
-            self.compiled = cached(binding, recorder.forward, options)
-            self.state = self.compiled.state(self.resolved)
+            why = unsupported()
+            if why is not None:
+                logger.info("precise BN runs eagerly: %s", why)
+            else:
+                options = compile if isinstance(compile, Mapping) else {}
+                self.compiled = cached(binding, recorder.forward, options)
+                self.state = self.compiled.state(self.resolved)
         self.reads: dict[str, str] = {}
         """Reads of the statistics outside a batch-norm call in the eager batches of a
         compiled pass."""
