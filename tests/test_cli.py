@@ -11,8 +11,9 @@ import signal
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import pytest
 import torch
@@ -733,7 +734,7 @@ def test_plot_is_written_after_the_checkpoint(
     from precisebn import plot
 
     drawn: list[Any] = []
-    draw, write = plot.report, plot._write_atomically
+    draw, write = plot.report, _cli.write_atomically
 
     def spy_draw(*args: Any, **kwargs: Any) -> Any:
         drawn.append(draw(*args, **kwargs))
@@ -742,12 +743,12 @@ def test_plot_is_written_after_the_checkpoint(
     out, image = tmp_path / "out.pt", tmp_path / "moved.png"
     checkpoint_there: list[bool] = []
 
-    def spy_write(data: bytes, path: Path) -> None:
+    def spy_write(path: Path, to: Callable[[IO[bytes]], object]) -> None:
         checkpoint_there.append(out.exists())
-        write(data, path)
+        write(path, to)
 
     monkeypatch.setattr(plot, "report", spy_draw)
-    monkeypatch.setattr(plot, "_write_atomically", spy_write)
+    monkeypatch.setattr(_cli, "write_atomically", spy_write)
     data = f"{FACTORIES}:make_long_loader"
     args = recompute_args(checkpoint, out, data=data, num_batches="48")
     assert _cli.main([*args, "--tol", "0.3", "--plot", str(image)]) == 0
@@ -838,12 +839,16 @@ def test_plot_that_cannot_be_written_keeps_the_checkpoint(
     one_thread: None,
 ) -> None:
     pytest.importorskip("matplotlib")
-    from precisebn import plot
+    write = _cli.write_atomically
 
-    def full_disk(data: bytes, path: Path) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full_disk(path: Path, to: Callable[[IO[bytes]], object]) -> None:
+        def fails(file: IO[bytes]) -> None:
+            file.write(b"\x89PNG")
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(plot, "_write_atomically", full_disk)
+        write(path, fails)  # the real writer, whose temporary file must go
+
+    monkeypatch.setattr(_cli, "write_atomically", full_disk)
     out, image = tmp_path / "out.pt", tmp_path / "moved.png"
     assert _cli.main([*recompute_args(checkpoint, out), "--plot", str(image)]) == 1
     printed = capsys.readouterr()

@@ -12,10 +12,10 @@ import copy
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,7 @@ __all__ = [
     "fit_problems",
     "load_into",
     "read_checkpoint",
+    "write_atomically",
     "write_checkpoint",
 ]
 
@@ -308,6 +309,18 @@ def write_checkpoint(content: Any, path: PathLike, *, overwrite: bool = False) -
     """
     path = Path(path)
     check_writable(path, overwrite=overwrite)
+    try:
+        write_atomically(path, lambda file: torch.save(content, file))
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: cannot write it: {type(error).__name__}: {_first_line(error)}"
+        ) from error
+
+
+def write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Call ``write`` on a hidden temporary file beside ``path``, flush it to disk, then
+    rename it to ``path``; on any exception (KeyboardInterrupt included) remove it and
+    re-raise, leaving ``path`` as it was. The new file gets the umask's permissions."""
     tmp: str | None = None
     try:
         with tempfile.NamedTemporaryFile(
@@ -315,17 +328,13 @@ def write_checkpoint(content: Any, path: PathLike, *, overwrite: bool = False) -
         ) as file:
             tmp = file.name
             os.chmod(tmp, 0o666 & ~_umask())
-            torch.save(content, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException as error:
+    except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, Exception):
-            raise CheckpointError(
-                f"{path}: cannot write it: {type(error).__name__}: {_first_line(error)}"
-            ) from error
         raise
 
 

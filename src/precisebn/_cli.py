@@ -36,6 +36,7 @@ from precisebn._checkpoint import (
     check_writable,
     load_into,
     read_checkpoint,
+    write_atomically,
     write_checkpoint,
 )
 from precisebn._recompute import recompute_bn_buffers
@@ -386,7 +387,7 @@ def run_recompute_command(args: argparse.Namespace) -> int:
         f"({info.num_samples} samples){reached}"
     )
     print(moved)
-    image = None
+    image: bytes | None = None
     if image_format is not None:  # drawn before the checkpoint is written: nothing is half done
         eps = eps_by_layer(model)
         figure = plot.report(checkpoint.state, new, info=info, eps=eps, tol=args.tol)
@@ -395,7 +396,7 @@ def run_recompute_command(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}")
     if image is not None:
         try:
-            plot._write_atomically(image, args.plot)
+            write_atomically(args.plot, lambda file: file.write(image))
         except OSError as error:
             raise CLIError(
                 f"--plot {args.plot}: cannot write it: {type(error).__name__}: {error} "

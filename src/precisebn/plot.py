@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor
 
 from precisebn._buffers import RunInfo
-from precisebn._checkpoint import _umask
+from precisebn._checkpoint import write_atomically
 from precisebn._layers import MEAN, VAR, buffer_key, layers_of
 from precisebn._report import DEFAULT_EPS
 from precisebn._report import report as _report
@@ -342,7 +341,8 @@ def save(figure: Figure, path: str | os.PathLike[str], *, dpi: float = DPI) -> N
         b'\\x89PNG'
     """
     path = Path(path)
-    _write_atomically(_render(figure, _image_format(path), dpi=dpi), path)
+    data = _render(figure, _image_format(path), dpi=dpi)
+    write_atomically(path, lambda file: file.write(data))
 
 
 def _image_format(path: str | os.PathLike[str]) -> str:
@@ -522,22 +522,3 @@ def _render(figure: Figure, image: str, *, dpi: float = DPI) -> bytes:
     metadata = {"Software": None} if image == "png" else None
     figure.savefig(buffer, format=image, dpi=dpi, metadata=metadata)
     return buffer.getvalue()
-
-
-def _write_atomically(data: bytes, path: Path) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it to ``path``."""
-    tmp: str | None = None
-    try:
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as file:
-            tmp = file.name
-            os.chmod(tmp, 0o666 & ~_umask())
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
