@@ -146,6 +146,78 @@ def resnet(depth: int) -> ResNet:
     raise ValueError(f"no ResNet-{depth} here: 18 or 50")
 
 
+class Detector(nn.Module):
+    """A detection-style net: a BN backbone (a `ResNet` trunk, ResNet-18's by default,
+    without its pooling and classifier), then an FPN and an FCOS-style head that hold no
+    BatchNorm.
+
+    The backbone gives C3-C5 (strides 8, 16, 32); the FPN makes P3-P5 of ``channels``
+    channels (1x1 laterals, nearest top-down upsampling, a 3x3 conv per level); the head,
+    shared over the levels, has a classification and a box tower of ``convs`` 3x3 convs,
+    each followed by ``GroupNorm(32)`` and a ReLU (as FCOS's, RetinaNet's with GN), then
+    predicts ``classes`` scores, 4 box distances and a centerness per position. Every
+    BatchNorm layer is in ``backbone``; what follows its last BN call is the heavy part.
+    """
+
+    def __init__(
+        self,
+        trunk: ResNet | None = None,
+        channels: int = 256,
+        convs: int = 4,
+        classes: int = 80,
+    ) -> None:
+        super().__init__()
+        trunk = trunk or resnet(18)
+        del trunk.avgpool, trunk.fc
+        self.backbone = trunk
+        expansion = type(trunk.layer1[0]).expansion
+        widths = [c * expansion for c in (128, 256, 512)]
+        self.lateral = nn.ModuleList(nn.Conv2d(w, channels, 1) for w in widths)
+        self.output = nn.ModuleList(nn.Conv2d(channels, channels, 3, 1, 1) for _ in widths)
+
+        def tower() -> nn.Sequential:
+            layers: list[nn.Module] = []
+            for _ in range(convs):
+                layers += [
+                    nn.Conv2d(channels, channels, 3, 1, 1),
+                    nn.GroupNorm(32, channels),
+                    nn.ReLU(inplace=True),
+                ]
+            return nn.Sequential(*layers)
+
+        self.cls_tower, self.box_tower = tower(), tower()
+        self.cls_logits = nn.Conv2d(channels, classes, 3, 1, 1)
+        self.box_pred = nn.Conv2d(channels, 4, 3, 1, 1)
+        self.centerness = nn.Conv2d(channels, 1, 3, 1, 1)
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        """C3, C4 and C5: the backbone's last three stages."""
+        b = self.backbone
+        x = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
+        c3 = b.layer2(x)
+        c4 = b.layer3(c3)
+        return [c3, c4, b.layer4(c4)]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        feats = self.features(x)
+        inner = self.lateral[-1](feats[-1])
+        pyramid = [self.output[-1](inner)]
+        for i in (1, 0):
+            up = nn.functional.interpolate(inner, size=feats[i].shape[-2:], mode="nearest")
+            inner = self.lateral[i](feats[i]) + up
+            pyramid.insert(0, self.output[i](inner))
+        out = []
+        for p in pyramid:
+            cls, box = self.cls_tower(p), self.box_tower(p)
+            out += [self.cls_logits(cls), self.box_pred(box).relu(), self.centerness(box)]
+        return out
+
+
+def detector_backbone(name: str, module: nn.Module) -> bool:
+    """``layers=`` for a `Detector`: the BN layers of its backbone."""
+    return name.startswith("backbone.")
+
+
 def bn_stack(depth: int, width: int = 8) -> nn.Module:
     """``depth`` BatchNorm1d layers of ``width`` channels and nothing else: on tiny inputs
     the kernels cost almost nothing, so a run's time is its cost per call."""
@@ -247,6 +319,7 @@ MLP = Workload("mlp", lambda: bn_mlp(64, 256, 6), (64,))
 CONV3D = Workload("conv3d", lambda: conv3d_net(8), (3, 8, 24, 24))
 RESNET18 = Workload("resnet18 64x64", lambda: resnet(18), (3, 64, 64))
 RESNET50 = Workload("resnet50 64x64", lambda: resnet(50), (3, 64, 64))
+DETECTOR = Workload("detector r18-fpn 64x64", Detector, (3, 64, 64))
 
 
 def tabular_workload(ratio: float) -> Workload:

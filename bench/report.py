@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.compiled import BASELINE as COMPILED_BASELINE
+from bench.compiled import amortised
 from bench.errors import ERRORS_TARGET
 from bench.exactness import MEAN_BOUND, VAR_BOUND, VAR_BOUND_SHIFTED
 from bench.many import BASELINE as MANY_BASELINE
@@ -19,6 +21,7 @@ LONG_RUN = 200
 """Batches of the run whose ratio the overhead section predicts (the default num_batches)."""
 OVERHEAD_HEADER = "## Where the time goes: the recorder against the bare forward"
 MANY_HEADER = "## Many models, one pass"
+COMPILED_HEADER = "## Compiled runs"
 SPEED_TARGET_FLOOR = 1.05
 SPEED_TARGET_FVCORE = 1.0
 
@@ -623,6 +626,201 @@ def many_section(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def compiled_speed_table(data: dict[str, Any]) -> str:
+    """The compiled recompute against the compiled forward, with the eager methods."""
+    target = data["target"]
+    header = ["workload", "batches", "BN layers recomputed", "compiled forward ms/batch"]
+    header += ["compiled recompute / compiled forward", f"<= {target:g}", "pruning target"]
+    header += ["met", "eager forward / compiled forward", "eager recompute / compiled forward"]
+    header += ["compiled forward max/min over rounds"]
+    out = []
+    for row in data["rows"]:
+        ms, n = row["methods"], row["num_batches"]
+        base = ms[COMPILED_BASELINE]
+        rec = ms["compiled recompute"]
+        layers = f"{row['recomputed_layers']} of {row['bn_layers']} ({row['layers']})"
+        out.append(
+            [
+                row["workload"],
+                str(n),
+                layers,
+                f"{base['median_s'] / n * 1e3:.2f}",
+                _spread(rec),
+                _met(rec["ratio_to_floor"], target),
+                f"<= {row['target']:g}",
+                _met(rec["ratio_to_floor"], row["target"]),
+                _spread(ms["eager forward"]),
+                _spread(ms["eager recompute"]),
+                f"{max(base['seconds']) / min(base['seconds']):.2f}",
+            ]
+        )
+    return _table(header, out)
+
+
+def compiled_compile_table(data: dict[str, Any]) -> str:
+    """Compile times, the repeated run, and the compile amortised over a run."""
+    n = data["amortise"]
+    header = ["workload", "compiled forward: first call s", "compiled recompute: first call s"]
+    header += ["second recompute (1 batch): ms, new graphs", "new graphs while timed"]
+    header += [f"ms/batch over {n} batches, compile included: compiled forward"]
+    header += ["compiled recompute", "eager recompute (no compile)"]
+    header += ["compiled recompute beats eager from (batches)"]
+    out = []
+    for row in data["rows"]:
+        a = amortised(row, n)
+        repeat = row["repeat"]
+        even = a["break_even"]
+        out.append(
+            [
+                row["workload"],
+                f"{row['compile_s']['forward']:.1f}",
+                f"{row['compile_s']['recompute']:.1f}",
+                f"{repeat['seconds'] * 1e3:.1f}, {repeat['graphs']}",
+                str(row["timed_graphs"]),
+                f"{a['forward_ms']:.2f}",
+                f"{a['recompute_ms']:.2f}",
+                f"{a['eager_recompute_ms']:.2f}",
+                "never" if math.isinf(even) else f"{math.ceil(even):,}",
+            ]
+        )
+    return _table(header, out)
+
+
+def compiled_checks_table(data: dict[str, Any]) -> str:
+    """Whether every row ran compiled, and its buffers against the eager recompute's."""
+    header = ["workload", "fell back to eager", "max relative difference from eager: mean / var"]
+    out = []
+    for row in data["rows"]:
+        fallbacks = row["eager_fallbacks"]
+        d = row["difference"]
+        out.append(
+            [
+                row["workload"],
+                "; ".join(fallbacks) if fallbacks else "no",
+                f"{d['mean']:.1e} / {d['var']:.1e}",
+            ]
+        )
+    return _table(header, out)
+
+
+def _slower_compiled(data: dict[str, Any]) -> list[str]:
+    """A note on the rows where the compiler slows the forward down."""
+    slower, losing = [], []
+    for row in data["rows"]:
+        ms = row["methods"]
+        if ms["eager forward"]["ratio_to_floor"] < 1:
+            slower.append(row["workload"])
+            if ms["compiled recompute"]["ratio_to_floor"] > ms["eager recompute"]["ratio_to_floor"]:
+                losing.append(row["workload"])
+    if not slower:
+        return []
+    if losing:
+        cost = (
+            f"on {', '.join(losing)} the compiled recompute is slower than the eager one too, "
+            "so `compile=True` does not pay there; "
+        )
+    else:
+        cost = ""
+    return [
+        f"On {', '.join(slower)} the eager forward is faster than the compiled one on this "
+        "machine, so the ratios above compare the compiled recompute with a forward slower "
+        f"than eager; {cost}where the graph leaves most of the forward out, the compiled "
+        "recompute can beat the eager one all the same. (A separate check on this machine, "
+        "2026-12-03, not part of this run: inductor's code for the ResNet-18 forward, and "
+        "likewise for the recompute's graph, runs every convolution channels-last and "
+        "copies each weight into that layout on every call; both graphs have the same "
+        "reductions, one per BN layer.) The targets are against the compiled forward, the "
+        "forward a user who compiled runs.",
+        "",
+    ]
+
+
+def compiled_tables(data: dict[str, Any]) -> str:
+    """Every table of the compiled section, as plain Markdown."""
+    if not data["rows"]:
+        return f"compiled runs: none ({data.get('skipped', 'not run')})"
+    return "\n\n".join(
+        [compiled_speed_table(data), compiled_compile_table(data), compiled_checks_table(data)]
+    )
+
+
+def compiled_section(results: dict[str, Any]) -> list[str]:
+    """The section on compiled runs, as Markdown lines."""
+    data = results.get("compiled")
+    if data is None:
+        return [COMPILED_HEADER, "", "Not in this run.", ""]
+    if not data["rows"]:
+        return [
+            COMPILED_HEADER,
+            "",
+            "Not in a `--quick` run: compiling costs tens of seconds per graph on a small "
+            "CPU machine, more than the quick run's budget. The full run (`python "
+            "bench/run.py`) has the rows (`bench/compiled.py`).",
+            "",
+        ]
+    n = data["amortise"]
+    compiled_throughout = not any(row["eager_fallbacks"] for row in data["rows"])
+    backend = ", ".join(f"{k}={v}" for k, v in data["options"].items()) or "inductor, defaults"
+    return [
+        COMPILED_HEADER,
+        "",
+        "See [How a run works](design.md#compiled-runs). With `compile=True` (or when the "
+        "model is `torch.compile`d) `recompute_bn_buffers` sends each batch through one "
+        "compiled graph that returns only the batch statistics; what the statistics do not "
+        "need is dead code, and the compiler leaves it out. Four methods, side by side in "
+        "one interleaved loop (`bench/compiled.py`), "
+        f"{len(data['rows'][0]['methods'][COMPILED_BASELINE]['seconds'])} rounds after a "
+        f"warm-up round, torch.compile with {backend}, {data['threads']} thread(s):",
+        "",
+        "- **compiled forward**: `torch.compile` of a copy of the model, called in training "
+        "mode under `torch.no_grad()` (compiled and warmed up before timing): the forward "
+        "a user who compiled runs, and the baseline of every ratio here;",
+        "- **compiled recompute**: `precisebn.recompute_bn_buffers(model, batches, "
+        "compile=True)` (its graph compiled before timing; every timed round is a repeated "
+        "run on the same model);",
+        "- **eager forward**: the floor of the other sections;",
+        "- **eager recompute**: `recompute_bn_buffers(..., compile=False)`.",
+        "",
+        "The compiled models are not deep-copied per call, as elsewhere on this page: a copy "
+        "would be compiled anew. Workloads: the bench CNN; torchvision's ResNet-18 layout "
+        "at 64 x 64 (`bench/models.py`; timm and torchvision are not installable next to "
+        "the bench's torch, so this stands in for a timm-sized net); and a detection-style "
+        "net (`bench.models.Detector`: the ResNet-18 trunk, an FPN on C3-C5 and an "
+        "FCOS-style head shared over P3-P5, with towers of four 3x3 convs of 256 channels, "
+        "each with GroupNorm and ReLU, and no BatchNorm after the backbone), recomputed "
+        "with `layers=` its backbone's BN layers: the graph leaves the FPN and the head "
+        "out. Targets (issue 18): compiled recompute <= "
+        f"{data['target']:g}x the compiled forward; with what the graph leaves out, "
+        f"<= {data['classifier_target']:g}x on a plain classifier and <= "
+        f"{data['pruned_target']:g}x on the detector.",
+        "",
+        compiled_speed_table(data),
+        "",
+        *_slower_compiled(data),
+        "**Compile time.** The wall time of each compiled method's first call (one batch), "
+        "each compiling into an empty inductor cache of its own, after a throwaway compile "
+        f"that paid dynamo's one-time set-up ({data['warm_up_s']:.1f} s, not counted). The "
+        "second recompute is `recompute_bn_buffers(..., compile=True)` again on the same "
+        "model, one batch: its graph is cached, so it compiles nothing (new graphs counted "
+        "with dynamo's own counter, as over the timed rounds). Then the time per batch of "
+        f"a run of {n} batches (`num_batches`' default) with its compile included: the "
+        "compiled times above plus the first call's seconds / "
+        f"{n}, and after how many batches the compiled recompute, its compile included, "
+        "costs less than the eager recompute.",
+        "",
+        compiled_compile_table(data),
+        "",
+        ("Every row ran compiled" if compiled_throughout else "Not every row ran compiled")
+        + " (precisebn logs at INFO when it falls back to eager; the bench keeps those "
+        "logs). The compiled recompute's buffers against the eager recompute's, worst over "
+        "layers and channels (|mean - eager| / (|eager| + eager std), "
+        "|var - eager| / eager var):",
+        "",
+        compiled_checks_table(data),
+        "",
+    ]
+
+
 def plots(results: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     """Speed and scaling PNGs; an empty list without matplotlib (the optional bench extra)."""
     try:
@@ -655,7 +853,29 @@ def plots(results: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     paths.append(_save(fig, ax, out_dir / f"{name}_scaling.png"))
     if "errors" in results:
         paths.append(_errors_plot(results["errors"]["curves"], out_dir / f"{name}_errors.png"))
+    if results.get("compiled", {}).get("rows"):
+        paths.append(_compiled_plot(results["compiled"], out_dir / f"{name}_compiled.png"))
     return paths
+
+
+def _compiled_plot(data: dict[str, Any], path: Path) -> Path:
+    """Each method's time over the compiled forward's, per compiled row."""
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    names = list(rows[0]["methods"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(names)
+    for i, method in enumerate(names):
+        ratios = [row["methods"][method]["ratio_to_floor"] for row in rows]
+        ax.bar([x + i * width for x in range(len(rows))], ratios, width, label=method)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(data["target"], color="grey", linestyle="--", linewidth=0.8)
+    ax.axhline(data["pruned_target"], color="grey", linestyle=":", linewidth=0.8)
+    labels = [row["workload"] for row in rows]
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, fontsize=7)
+    ax.set_ylabel("time / compiled forward (median)")
+    return _save(fig, ax, path)
 
 
 def _errors_plot(curves: list[dict[str, Any]], path: Path) -> Path:
@@ -834,6 +1054,7 @@ def markdown(results: dict[str, Any], images: list[Path], docs_dir: Path) -> str
         "them on each workload.",
         "",
         *overhead_section(results),
+        *compiled_section(results),
         "## Exactness",
         "",
         "Worst relative error over every BN layer and channel against a float64 pooled "

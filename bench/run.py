@@ -3,12 +3,14 @@
 Measures speed, exactness, memory and scaling of precisebn, fvcore, torch's update_bn
 and the seed algorithm side by side; where precisebn's time goes against the bare forward
 (``recompute_bn_buffers`` and the functional update loop, per intercepted call, per
-update, and what the block fold saves: ``bench/overhead.py``); what copy on write costs in
-memory (``bench/guarantees.py``); how its standard errors and ``tol=`` behave
+update, and what the block fold saves: ``bench/overhead.py``); the compiled recompute
+against the compiled forward, compile times included, and what its graph leaves out
+(``bench/compiled.py``, full run only); what copy on write costs in memory
+(``bench/guarantees.py``); how its standard errors and ``tol=`` behave
 (``bench/errors.py``); and how many models fare in one pass over the data against one
 pass each (``bench/many.py``). Writes ``bench/results/<name>.json`` and regenerates
 ``docs/benchmarks.md`` (plus PNG plots when matplotlib is installed). The quick mode takes
-under 2 minutes on 2 CPU cores, the full run about 15 minutes.
+under 2 minutes on 2 CPU cores (it has no compiled rows), the full run about 20 minutes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
 import torch  # noqa: E402
 
 from bench import (  # noqa: E402
+    compiled,
     errors,
     exactness,
     guarantees,
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     sections: dict[str, Callable[[], Any]] = {
         "speed": lambda: run_speed(config),
         "overhead": lambda: overhead.run(quick=quick, repeats=repeats, threads=args.threads),
+        # Full run only: compiling takes tens of seconds per graph here.
+        "compiled": lambda: compiled.run(quick=quick, repeats=repeats),
         "exactness": lambda: run_exactness(config),
         "memory": lambda: run_memory(config),
         "scaling": lambda: run_scaling(config),
@@ -222,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     write(results, name, docs=not args.no_docs)
     print(report.speed_table(results["speed"]))
     print(report.overhead_tables(results["overhead"]))
+    print(report.compiled_tables(results["compiled"]))
     print(report.exactness_table(results["exactness"]))
     print(report.memory_table(results["memory"]))
     print(report.scaling_tables(results["scaling"]))

@@ -73,6 +73,11 @@ def time_once(
     return time.perf_counter() - start
 
 
+def same(model: nn.Module) -> nn.Module:
+    """``prepare`` that hands every call the model itself."""
+    return model
+
+
 def interleaved(
     methods: Mapping[str, Method],
     model: nn.Module,
@@ -82,19 +87,22 @@ def interleaved(
     warmup: int = 1,
     device: torch.device | None = None,
     baseline: str = "floor",
+    prepare: Callable[[nn.Module], nn.Module] = copy.deepcopy,
 ) -> dict[str, Timing]:
     """Time every method ``repeats`` times, in rotating order within each round.
 
     Each round runs every method once (A B C, then B C A, ...), so slow drifts of a
     shared machine hit all methods alike; the ratio to ``baseline`` is taken within
-    each round and its median reported.
+    each round and its median reported. Each call gets ``prepare(model)`` (untimed): a
+    fresh deep copy by default; methods that hold models of their own (compiled ones,
+    which a copy would compile anew) pass ``prepare=same``.
     """
     device = device or torch.device("cpu")
     names = list(methods)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(warmup + repeats):
         order = names[round_ % len(names) :] + names[: round_ % len(names)]
-        times = {name: time_once(methods[name], model, batches, device) for name in order}
+        times = {name: time_once(methods[name], model, batches, device, prepare) for name in order}
         if round_ >= warmup:
             for name in names:
                 samples[name].append(times[name])

@@ -14,13 +14,17 @@ import torch
 pytest.importorskip("fvcore")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import errors, exactness, gpu, guarantees, many, overhead, report, timing
+from bench import compiled, errors, exactness, gpu, guarantees, many, overhead, report, timing
 from bench.methods import ESTIMATORS, METHODS, bn_layers, run_precisebn
 from bench.models import (
     CNN,
+    Detector,
+    ResNet,
+    TorchvisionBasicBlock,
     Workload,
     batch_sizes,
     bn_mlp,
+    detector_backbone,
     make_batches,
     make_model,
     resnet,
@@ -317,3 +321,75 @@ def test_guarantees_table_shows_what_copy_on_write_adds() -> None:
     assert "| reads | 64.0 | 0.0 | 0.50 | 0.70 | 0.20 |" in table
     assert "direct" not in "\n".join(report._guarantees_part({"guarantees": {"buffers": rows}}))
     assert callable(guarantees.run)
+
+
+def test_compiled_rows_run_compiled_and_the_detector_graph_leaves_the_head_out() -> None:
+    """One compiled row on a small detector, with dynamo and AOT but no compiler (CI's two
+    cores): the recompute's graph keeps the backbone and drops the FPN and the head."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(gm: torch.fx.GraphModule, inputs: object) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    trunk = ResNet(TorchvisionBasicBlock, [1, 1, 1, 1])
+    tiny = Workload("detector tiny", lambda: Detector(trunk, 32, 1, 3), (3, 32, 32))
+    case = compiled.Case(tiny, 2, 2, 0.6, detector_backbone, "backbone", "pruned")
+    row = compiled.time_case(
+        case, repeats=1, warmup=0, options={"backend": aot_autograd(fw_compiler=keep)}
+    )
+    assert set(row["methods"]) == set(compiled.METHOD_NAMES)
+    assert row["methods"][compiled.BASELINE]["ratio_to_floor"] == 1.0
+    assert row["recomputed_layers"] == row["bn_layers"] == 12
+    assert row["compile_s"]["forward"] > 0
+    assert row["compile_s"]["recompute"] > 0
+    assert row["recompute_graphs"] == 1
+    assert row["repeat"]["graphs"] == 0  # cached: a second run compiles nothing
+    assert row["timed_graphs"] == 0
+    assert row["eager_fallbacks"] == []
+    assert row["difference"]["mean"] < 1e-5
+    assert row["difference"]["var"] < 1e-5
+    forward, recompute = (
+        [str(n.target) for n in g.graph.nodes if n.op == "call_function"] for g in graphs
+    )
+    assert sum("group_norm" in op for op in forward) == 6  # two towers, once per level
+    assert not any("group_norm" in op for op in recompute)
+    assert sum("convolution" in op for op in recompute) == 12  # the trunk's convs only
+    data = {**compiled.run(quick=True, repeats=1), "rows": [row], "warm_up_s": 1.0}
+    section = report.compiled_section({"compiled": data})
+    assert section[0] == report.COMPILED_HEADER
+    text = "\n".join(section)
+    assert "| detector tiny batch 2 | 2 | 12 of 12 (backbone) |" in text
+    assert "Every row ran compiled" in text
+    assert "compiled recompute beats eager from" in text
+    assert "Compiled runs" in "\n".join(gpu._compiled_part({"compiled": data}))
+
+
+def test_compiled_section_is_full_run_only_and_amortises_the_compile() -> None:
+    quick = compiled.run(quick=True, repeats=1)
+    assert quick["rows"] == []
+    assert "Not in a `--quick` run" in "\n".join(report.compiled_section({"compiled": quick}))
+    assert report.compiled_section({})[2] == "Not in this run."
+    per = {"compiled forward": 0.01, "compiled recompute": 0.01, "eager recompute": 0.03}
+    row = {
+        "num_batches": 10,
+        "methods": {k: {"median_s": v * 10} for k, v in per.items()},
+        "compile_s": {"forward": 2.0, "recompute": 4.0},
+    }
+    a = compiled.amortised(row, 200)
+    assert a["forward_ms"] == pytest.approx(20.0)  # 10 ms + 2 s / 200
+    assert a["recompute_ms"] == pytest.approx(30.0)
+    assert a["eager_recompute_ms"] == pytest.approx(30.0)
+    assert a["break_even"] == pytest.approx(200.0)  # 4 s saved at 20 ms a batch
+
+
+def test_gpu_compiled_sync_check_guards_the_loop_from_the_second_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    modes: list[str] = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    result = gpu.compiled_no_sync_check(torch.device("cpu"), {"backend": "eager"})
+    assert result.startswith("passed: 0 host-device syncs"), result
+    assert modes == ["error", "default"]
