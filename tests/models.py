@@ -47,6 +47,27 @@ class ReusedBN(nn.Module):
         return full.mean() + crop.mean() + again.mean()
 
 
+class Slimmable(nn.Module):
+    """A BN layer of 4 channels run at a width chosen per batch: ``(x, c)`` is normalised
+    over its first ``c`` channels with slices of the running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, batch: tuple[Tensor, int]) -> Tensor:
+        x, c = batch
+        bn = self.bn
+        return nn.functional.batch_norm(
+            x[:, :c],
+            bn.running_mean[:c],
+            bn.running_var[:c],
+            bn.weight[:c],
+            bn.bias[:c],
+            training=True,
+        )
+
+
 class Seq1d(nn.Module):
     """BatchNorm1d on 3-D input (N, C, L), BatchNorm3d, SyncBatchNorm and a custom subclass."""
 

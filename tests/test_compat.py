@@ -6,12 +6,13 @@ import itertools
 
 import pytest
 import torch
-from tests.reference import assert_same, pooled_inputs, snapshot
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import precisebn
 from precisebn.compat import update_bn, update_bn_stats
+
+from reference import assert_same, pooled_inputs, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

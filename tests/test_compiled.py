@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 import precisebn
 
-from models import ReusedBN, SmallCNN
+from models import ReusedBN, Slimmable, SmallCNN
 from reference import assert_matches, assert_same, pooled_inputs, snapshot
 
 pytestmark = [
@@ -122,25 +122,10 @@ def test_frozen_layers_and_a_batch_of_one() -> None:
     assert_same(before, snapshot(model))
 
 
-class SlicedBN(nn.Module):
-    """Normalises the first ``width`` channels with slices of the running statistics."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm1d(4)
-
-    def forward(self, batch: tuple[Tensor, int]) -> Tensor:
-        x, c = batch
-        bn = self.bn
-        return nn.functional.batch_norm(
-            x[:, :c], bn.running_mean[:c], bn.running_var[:c], bn.weight[:c], bn.bias[:c], True
-        )
-
-
 def test_what_the_graph_cannot_follow_runs_eagerly_and_says_why(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    model = SlicedBN().train()
+    model = Slimmable().train()
     gen = torch.Generator().manual_seed(2)
     data = [(torch.randn(8, 4, generator=gen) + 3, c) for c in (4, 2, 4, 3)]
     before = snapshot(model)

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.reference import assert_matches, assert_same, pooled_inputs, snapshot
 from torch import Tensor, nn
 from torch.func import stack_module_state, vmap
 
 import precisebn
+
+from reference import assert_matches, assert_same, pooled_inputs, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

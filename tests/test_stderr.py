@@ -13,12 +13,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.reference import pooled_inputs
 from torch import Tensor, nn
 
 import precisebn
 from precisebn._moments import Moments
 from precisebn._stderr import MIN_BATCHES, accumulate, evaluate, recenter, terms
+
+from models import Slimmable
+from reference import pooled_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -357,26 +359,6 @@ def test_no_warning_without_tol() -> None:
         warnings.simplefilter("error")
         _new, info = precisebn.recompute_bn_buffers(Net(), batches(3, seed=0), return_info=True)
     assert info.converged is None
-
-
-class Slimmable(nn.Module):
-    """A BN layer of 4 channels run at a width chosen per batch (``running_mean[:c]``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm1d(4)
-
-    def forward(self, batch: tuple[Tensor, int]) -> Tensor:
-        x, c = batch
-        bn = self.bn
-        return nn.functional.batch_norm(
-            x[:, :c],
-            bn.running_mean[:c],
-            bn.running_var[:c],
-            bn.weight[:c],
-            bn.bias[:c],
-            training=True,
-        )
 
 
 def test_channels_first_reached_late_keep_exact_errors_far_from_zero() -> None:
