@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 from precisebn._batches import Forward
 from precisebn._binding import Binding, Resolved
 from precisebn._layers import MEAN, VAR, buffer_key
-from precisebn._tags import batch_norm_arguments
+from precisebn._tags import batch_norm_arguments, one_value_message, operator_name
 
 __all__ = ["Compiled", "CompiledRow", "GraphState", "cached", "unsupported"]
 
@@ -101,7 +101,7 @@ class _StatsMode(TorchFunctionMode):
             if i is not None:
                 return self._record(i, named)
         elif self._touches_markers((args, kwargs)):
-            self.problems.append(f"a running statistic is used by {_name(func)}")
+            self.problems.append(f"a running statistic is used by {operator_name(func)}")
         return func(*args, **kwargs)
 
     def _layer(self, mean: Any, var: Any) -> int | None:
@@ -134,10 +134,7 @@ class _StatsMode(TorchFunctionMode):
         x: Tensor = named["input"]
         count = x.numel() // x.shape[1]
         if count < 2 and self.degenerate is None:
-            self.degenerate = (
-                f"BatchNorm layer '{self.names[i] or '<model>'}' got {count} value per channel "
-                f"(input shape {tuple(x.shape)}); batch statistics need at least 2"
-            )
+            self.degenerate = one_value_message(self.names[i], count, tuple(x.shape))
         if count >= 2:
             dims = [0, *range(2, x.dim())]
             wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -279,7 +276,3 @@ def _forward_key(forward: Forward) -> Any:
         return forward
     cells = tuple(id(c.cell_contents) for c in (getattr(forward, "__closure__", None) or ()))
     return code, cells, getattr(forward, "__self__", None) and id(forward.__self__)  # type: ignore[attr-defined]
-
-
-def _name(func: Any) -> str:
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)

@@ -27,11 +27,11 @@ from precisebn._binding import Binding, Resolved, Weights, bind
 from precisebn._fold import Fold
 from precisebn._layers import LayerSelector, find_bn_layers
 from precisebn._moments import Stats, finalize, init, merge
-from precisebn._tags import Call
+from precisebn._tags import one_value_message
 from precisebn._vmap import check_unbatched, is_transformed, per_member, split_weights
 from precisebn._vmap import weights as weights_of
 
-__all__ = ["Recorder", "capture", "check_followed", "one_value_message", "recorder", "update"]
+__all__ = ["Recorder", "capture", "check_followed", "recorder", "update"]
 
 
 class Recorder:
@@ -200,7 +200,7 @@ class Recorder:
         if fold.degenerate_call is not None:
             call, shape = fold.degenerate_call
             fold.discard_batch()
-            return output, one_value_message(call, shape)
+            return output, one_value_message(call.layer, call.count, shape)
         fold.end_batch(index)
         return output, None
 
@@ -386,14 +386,6 @@ def check_followed(reads: Mapping[str, str], recorded: set[str]) -> None:
             "running_var, or the same basic slice of both (running_mean[:c]); pass such "
             "views, or leave the layer out with layers="
         )
-
-
-def one_value_message(call: Call, shape: tuple[int, ...]) -> str:
-    """Why a call with fewer than two values per channel gives no batch statistics."""
-    return (
-        f"BatchNorm layer '{call.layer or '<model>'}' got {call.count} value per channel "
-        f"(input shape {shape}); batch statistics need at least 2"
-    )
 
 
 def _check_state(state: Stats, layers: list[str]) -> None:

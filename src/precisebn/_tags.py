@@ -32,7 +32,16 @@ from torch import Tensor
 from precisebn._guard import ForbiddenWriteError, Guard, Protection
 from precisebn._layers import MEAN, VAR
 
-__all__ = ["Call", "Sink", "Tag", "TagOwner", "batch_norm_arguments", "make_tag"]
+__all__ = [
+    "Call",
+    "Sink",
+    "Tag",
+    "TagOwner",
+    "batch_norm_arguments",
+    "make_tag",
+    "one_value_message",
+    "operator_name",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _F_ORDER = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
@@ -294,15 +303,25 @@ def _slice(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tag | No
     return sliced
 
 
-def _name(func: Any) -> str:
+def operator_name(func: Any) -> str:
+    """How an error names a torch function: its qualified name where it has one."""
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
+
+
+def one_value_message(layer: str, count: int, shape: tuple[int, ...]) -> str:
+    """Why a call of ``layer`` with ``count`` (< 2) values per channel gives no batch
+    statistics."""
+    return (
+        f"BatchNorm layer '{layer or '<model>'}' got {count} value per channel "
+        f"(input shape {shape}); batch statistics need at least 2"
+    )
 
 
 def _outside(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Any other call: a read of the caller's values, which must not write them."""
     leaves: list[Any] = optree.tree_leaves((args, kwargs))  # type: ignore[arg-type]
     tags = [t for t in leaves if isinstance(t, Tag)]
-    name = _name(func)
+    name = operator_name(func)
     for tag in tags:
         tag.owner.note_read(tag.layer, name)
     try:
