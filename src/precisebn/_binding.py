@@ -170,6 +170,14 @@ class Binding:
             )
         return {key: resolved.buffers[key] for key in self.stat_keys}
 
+    def rows_home(self, resolved: Resolved) -> tuple[torch.dtype, torch.device]:
+        """The dtype and device of a run's batch rows: float64 when any recomputed buffer is
+        float64, else float32 (the kernels write float32 for half-precision buffers), on
+        the first recomputed buffer's device."""
+        stats = self.bn_buffers(resolved)
+        wide = any(t.dtype == torch.float64 for t in stats.values())
+        return (torch.float64 if wide else torch.float32), next(iter(stats.values())).device
+
     def counter_keys(self, *, recomputed: bool) -> list[str]:
         """The ``num_batches_tracked`` keys of the recomputed norm layers (or of the others)."""
         return [key for key, is_recomputed in self._counters.items() if is_recomputed == recomputed]

@@ -228,9 +228,7 @@ class Compiled:
         buffer (the statistics' copies are the markers), ``None`` for the recomputed layers'
         counters, and the parameters given in place of the model's."""
         binding, prefix = self.binding, self.binding.prefix
-        stats = binding.bn_buffers(resolved)
-        wide = any(t.dtype == torch.float64 for t in stats.values())
-        self.dtype = torch.float64 if wide else torch.float32
+        self.dtype = binding.rows_home(resolved)[0]
         copies = {key: t.detach().clone() for key, t in resolved.buffers.items()}
         bound: dict[str, Tensor | None] = {
             "m." + key.removeprefix(prefix): t

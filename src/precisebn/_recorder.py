@@ -144,12 +144,10 @@ class Recorder:
     ) -> Fold:
         """A fold for a run on ``resolved`` weights: statistics in the buffers' dtype (float64
         when any is float64, else float32), on the first buffer's device."""
-        stats = self.binding.bn_buffers(resolved)
-        wide = any(t.dtype == torch.float64 for t in stats.values())
-        device = next(iter(stats.values())).device
+        dtype, device = self.binding.rows_home(resolved)
         return Fold(
             self.binding.layout,
-            dtype=torch.float64 if wide else torch.float32,
+            dtype=dtype,
             device=device,
             rows=rows,
             errors=errors,
@@ -165,9 +163,7 @@ class Recorder:
         refuses writes into tensors made outside it."""
         if torch._C._functorch.peek_interpreter_stack() is not None:
             return self.fold(resolved, rows=1, errors=False, start=start, check=False)
-        stats = self.binding.bn_buffers(resolved)
-        wide = any(t.dtype == torch.float64 for t in stats.values())
-        key = (torch.float64 if wide else torch.float32, next(iter(stats.values())).device)
+        key = self.binding.rows_home(resolved)
         fold = self._scratch.get(key)
         if fold is None:
             fold = self.fold(resolved, rows=1, errors=False, start=start, check=False)
