@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from precisebn._distributed import reduce_run
+from precisebn._distributed import ModelPart, reduce_models
 from precisebn._moments import Stats
 from precisebn._stderr import MIN_BATCHES, Spreads, evaluate, relative_errors
 
@@ -32,8 +32,6 @@ __all__ = [
     "Worst",
     "check_tol",
     "reached",
-    "tagged",
-    "untagged",
     "warn_not_converged",
     "worst",
 ]
@@ -118,52 +116,15 @@ class Stopper:
             pass
 
     def _ask(self, models: Sequence[Progress], *, running: bool) -> bool:
-        states = [(fold.result(), fold.spreads()) for fold, _, _ in models]
-        if self.group is None:
-            return all(
-                reached(worst(*state), used=used, tol=self.tol)
-                for state, (_, used, _) in zip(states, models, strict=True)
-            )
-        reduced = reduce_run(
-            tagged([stats for stats, _ in states]),
-            batches=sum(used for _, used, _ in models),
-            samples=sum(samples for _, _, samples in models),
-            group=self.group,
-            spreads=tagged([spreads for _, spreads in states]),
-            running=running,
-            models=[(used, samples) for _, used, samples in models],
-        )
-        if reduced.running == 0:
-            return True
-        stats, spreads = (
-            untagged(reduced.stats, len(models)),
-            untagged(reduced.spreads, len(models)),
-        )
+        parts = [ModelPart(fold.result(), fold.spreads(), used, samples)
+                 for fold, used, samples in models]  # fmt: skip
+        if self.group is not None:  # asked of the statistics of every rank
+            parts, still = reduce_models(parts, group=self.group, running=running)
+            if still == 0:
+                return True
         return all(
-            reached(worst(s, sp), used=used, tol=self.tol)
-            for (used, _), s, sp in zip(reduced.models, stats, spreads, strict=True)
+            reached(worst(p.stats, p.spreads or {}), used=p.batches, tol=self.tol) for p in parts
         )
-
-
-V = TypeVar("V")
-
-
-def tagged(per_model: Sequence[dict[str, V]]) -> dict[str, V]:
-    """One dict for several models' per-layer values: ``"<model index>/<layer>"`` keys."""
-    return {
-        f"{i}/{layer}": value
-        for i, values in enumerate(per_model)
-        for layer, value in values.items()
-    }
-
-
-def untagged(values: dict[str, V], count: int) -> list[dict[str, V]]:
-    """The per-model dicts of `tagged` values."""
-    out: list[dict[str, V]] = [{} for _ in range(count)]
-    for key, value in values.items():
-        index, layer = key.split("/", 1)
-        out[int(index)][layer] = value
-    return out
 
 
 def warn_not_converged(found: Worst | None, *, tol: float, batches: int) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -46,12 +46,16 @@ if TYPE_CHECKING:
 __all__ = [
     "GroupError",
     "LayoutMismatchError",
+    "ModelPart",
     "RankFailedError",
     "Reduced",
     "abandon",
     "all_reduce_stats",
+    "reduce_models",
     "reduce_run",
     "reduction_group",
+    "tagged",
+    "untagged",
 ]
 
 logger = logging.getLogger("precisebn")
@@ -213,6 +217,65 @@ def reduce_run(
             spread_out[layer] = Spread(*(rows[i].to(where) for rows in per_layer))
     pairs = list(zip(model_counts[::2], model_counts[1::2], strict=True))
     return Reduced(out, spread_out, batches, samples, ranks_running, pairs)
+
+
+class ModelPart(NamedTuple):
+    """One model's part of a pass: its statistics, standard-error sums (``None``: the run
+    keeps none), batches and samples."""
+
+    stats: Stats
+    spreads: Spreads | None
+    batches: int
+    samples: int
+
+
+def reduce_models(
+    parts: Sequence[ModelPart], *, group: ProcessGroup, running: bool = False
+) -> tuple[list[ModelPart], int]:
+    """`reduce_run` for the models of one pass, in one reduction: each model's part
+    reduced over the ranks, and how many ranks are still reading batches."""
+    errors = bool(parts) and parts[0].spreads is not None
+    reduced = reduce_run(
+        tagged([p.stats for p in parts]),
+        batches=sum(p.batches for p in parts),
+        samples=sum(p.samples for p in parts),
+        group=group,
+        spreads=tagged([p.spreads or {} for p in parts]) if errors else None,
+        running=running,
+        models=[(p.batches, p.samples) for p in parts],
+    )
+    count = len(parts)
+    spreads: list[Spreads | None] = (
+        list(untagged(reduced.spreads, count)) if errors else [None] * count
+    )
+    out = [
+        ModelPart(stats, sp, batches, samples)
+        for stats, sp, (batches, samples) in zip(
+            untagged(reduced.stats, count), spreads, reduced.models, strict=True
+        )
+    ]
+    return out, reduced.running
+
+
+V = TypeVar("V")
+
+
+def tagged(per_model: Sequence[dict[str, V]]) -> dict[str, V]:
+    """One dict for several models' per-layer values: ``"<model index>/<layer>"`` keys."""
+    return {
+        f"{i}/{layer}": value
+        for i, values in enumerate(per_model)
+        for layer, value in values.items()
+    }
+
+
+def untagged(values: dict[str, V], count: int) -> list[dict[str, V]]:
+    """The per-model dicts of `tagged` values."""
+    out: list[dict[str, V]] = [{} for _ in range(count)]
+    for key, value in values.items():
+        index, layer = key.split("/", 1)
+        out[int(index)][layer] = value
+    return out
 
 
 def abandon(stats: Stats, *, group: ProcessGroup) -> None:

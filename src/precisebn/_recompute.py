@@ -28,17 +28,22 @@ from precisebn._converge import (
     Stopper,
     check_tol,
     reached,
-    tagged,
-    untagged,
     warn_not_converged,
     worst,
 )
-from precisebn._distributed import GroupError, abandon, reduce_run, reduction_group
+from precisebn._distributed import (
+    GroupError,
+    ModelPart,
+    abandon,
+    reduce_models,
+    reduction_group,
+    tagged,
+)
 from precisebn._fold import BLOCK, Fold
 from precisebn._layers import LayerSelector
 from precisebn._moments import Stats, finalize, from_batch, init
 from precisebn._recorder import Recorder, check_followed
-from precisebn._stderr import Spreads, standard_errors
+from precisebn._stderr import standard_errors
 from precisebn._vmap import check_unbatched, is_transformed, per_member, split_weights
 from precisebn._vmap import weights as weights_of
 
@@ -367,17 +372,6 @@ Spec = tuple[nn.Module, Weights]
 """A model of a run, with the parameters and buffers to use instead of its own."""
 
 
-class Folded(NamedTuple):
-    """What one model's part of a pass folded."""
-
-    stats: Stats
-    spreads: Spreads
-    batches: int
-    samples: int
-    skipped: list[tuple[int, str]]
-    """Batches skipped for one value per channel: loader index and why."""
-
-
 class _ModelPass:
     """One model's part of a pass: its recorder, the weights it runs on, and its fold.
 
@@ -452,10 +446,10 @@ class _ModelPass:
         self.reads.update(binding.reads)
         return why
 
-    def folded(self) -> Folded:
-        return Folded(
-            self.fold.result(), self.fold.spreads(), self.used, self.samples, self.skipped
-        )
+    def folded(self) -> ModelPart:
+        """What this model's part of the pass folded (standard-error sums if it keeps them)."""
+        spreads = self.fold.spreads() if self.fold.errors else None
+        return ModelPart(self.fold.result(), spreads, self.used, self.samples)
 
 
 def run_models(specs: list[Spec], loader: Iterable[Any], options: _Options) -> list[Result]:
@@ -488,33 +482,15 @@ def run_models(specs: list[Spec], loader: Iterable[Any], options: _Options) -> l
                 group=group,
             )
         raise
-    outcomes = [p.folded() for p in passes]
+    parts = [p.folded() for p in passes]
     for i, p in enumerate(passes):
         _warn_skipped(p.skipped, model=None if len(passes) == 1 else i)
-    pooled = [(o.stats, o.spreads, o.batches, o.samples) for o in outcomes]
     if group is not None:
-        reduced = reduce_run(
-            tagged([o.stats for o in outcomes]),
-            batches=sum(o.batches for o in outcomes),
-            samples=sum(o.samples for o in outcomes),
-            group=group,
-            spreads=tagged([o.spreads for o in outcomes]) if options.errors else None,
-            models=[(o.batches, o.samples) for o in outcomes],
-        )
-        count = len(outcomes)
-        per_model = untagged(reduced.spreads, count) if options.errors else [{}] * count
-        pooled = [
-            (stats, spreads, used, samples)
-            for stats, spreads, (used, samples) in zip(
-                untagged(reduced.stats, count), per_model, reduced.models, strict=True
-            )
-        ]
+        parts, _ = reduce_models(parts, group=group)
     results = []
-    for i, (p, outcome, (stats, spreads, used, samples)) in enumerate(
-        zip(passes, outcomes, pooled, strict=True)
-    ):
+    for i, (p, part) in enumerate(zip(passes, parts, strict=True)):
         with _warnings_of(None if len(passes) == 1 else i):
-            results.append(_result(p, outcome, stats, spreads, used, samples, options=options))
+            results.append(_result(p, part, options=options))
     return results
 
 
@@ -585,21 +561,13 @@ def _nbytes(leaves: list[Any]) -> int:
     return sum(leaf.nbytes for leaf in leaves if isinstance(leaf, torch.Tensor))
 
 
-def _result(
-    p: _ModelPass,
-    outcome: Folded,
-    stats: Stats,
-    spreads: Spreads,
-    used: int,
-    samples: int,
-    *,
-    options: _Options,
-) -> Result:
+def _result(p: _ModelPass, part: ModelPart, *, options: _Options) -> Result:
     """One model's buffers and info from its (reduced) statistics."""
+    stats, spreads, used, samples = part.stats, part.spreads or {}, part.batches, part.samples
     if used == 0:
         where = " on any rank" if options.group else ""
-        if outcome.skipped:
-            raise ValueError(f"every batch was skipped{where}: {outcome.skipped[0][1]}")
+        if p.skipped:
+            raise ValueError(f"every batch was skipped{where}: {p.skipped[0][1]}")
         raise ValueError(f"the loader yielded no batches{where}")
     logger.info(
         "recomputed %d BatchNorm layers over %d batches (%d samples)", len(stats), used, samples
