@@ -33,10 +33,10 @@ from precisebn._binding import Weights, bind
 from precisebn._fold import Fold
 from precisebn._layers import MEAN, VAR, LayerSelector, buffer_key
 from precisebn._moments import Moments, Stats, merge_layer
-from precisebn._recompute import Result, run_models, run_options, run_stack
+from precisebn._recompute import Result, run_model, run_options
 from precisebn._recorder import Recorder, check_followed
 from precisebn._tags import Call
-from precisebn._vmap import check_unbatched, is_transformed
+from precisebn._vmap import check_unbatched
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -405,9 +405,5 @@ def adapt(
         compile=compile,
         return_info=return_info,
     )._replace(transform=transform)
-    weights = Weights(params, buffers)
-    if is_transformed(params, buffers):
-        result = run_stack(model, loader, weights, options)
-    else:
-        result = run_models([(model, weights)], loader, options)[0]
+    result = run_model(model, loader, Weights(params, buffers), options)
     return result if return_info else result[0]

@@ -55,9 +55,9 @@ __all__ = [
     "Result",
     "recompute_bn_buffers",
     "recompute_bn_buffers_many",
+    "run_model",
     "run_models",
     "run_options",
-    "run_stack",
 ]
 
 logger = logging.getLogger("precisebn")
@@ -234,10 +234,7 @@ def recompute_bn_buffers(
         compile=compile,
         return_info=return_info,
     )
-    if is_transformed(params, buffers):
-        result = run_stack(model, loader, Weights(params, buffers), options)
-    else:
-        result = run_models([(model, Weights(params, buffers))], loader, options)[0]
+    result = run_model(model, loader, Weights(params, buffers), options)
     return result if return_info else result[0]
 
 
@@ -450,6 +447,15 @@ class _ModelPass:
         """What this model's part of the pass folded (standard-error sums if it keeps them)."""
         spreads = self.fold.spreads() if self.fold.errors else None
         return ModelPart(self.fold.result(), spreads, self.used, self.samples)
+
+
+def run_model(
+    model: nn.Module, loader: Iterable[Any], weights: Weights, options: _Options
+) -> Result:
+    """One model's run: a pass of its own, or of every member of transformed weights."""
+    if is_transformed(*weights):
+        return run_stack(model, loader, weights, options)
+    return run_models([(model, weights)], loader, options)[0]
 
 
 def run_models(specs: list[Spec], loader: Iterable[Any], options: _Options) -> list[Result]:
