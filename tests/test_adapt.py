@@ -251,6 +251,27 @@ def test_predictions_can_be_differentiated() -> None:
     assert model.conv1.weight.grad is not None
 
 
+class ZeroesAView(nn.Module):
+    """Zeroes a view of its running mean, then calls the layer as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.bn.running_mean.view(-1).detach().zero_()
+        return self.bn(x)
+
+
+def test_predict_refuses_writes_outside_the_batch_norm_call() -> None:
+    model = ZeroesAView().eval()
+    before = snapshot(model)
+    tta = precisebn.adapter(model, prior=0.5)
+    with pytest.raises(ValueError, match=r"'bn' were written outside their batch_norm call"):
+        tta.predict(tta.init(), torch.randn(8, 3) + 2)
+    assert_same(before, snapshot(model))
+
+
 def test_prior_of_presets() -> None:
     assert prior_of(prior=0.25) == Prior(weight=0.25)
     assert prior_of(alpha=0.25) == Prior(weight=0.75)

@@ -224,11 +224,8 @@ class Adapter:
         placed = to_device(batch, resolved.device)
 
         def body(models: list[nn.Module]) -> Any:
-            output = rec.forward(models[0], placed)
-            if fold.degenerate_call is not None:
-                fold.discard_batch()
-            else:
-                fold.end_batch(0)
+            # A batch of one value per channel is not folded, and predicts all the same.
+            output, _ = rec.run_batch(models[0], placed, fold, index=0)
             return output
 
         output = bind([(binding, resolved, sink)], body)
