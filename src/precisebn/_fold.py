@@ -237,12 +237,16 @@ class Fold:
         self._pool()
         if self.check:
             self._check_finite()
+        flat = self._pooled()._replace(count=self._n.clone())
+        return merge(parted(flat, self.layout, per_channel=self._sliced), self._residual)
+
+    def _pooled(self) -> Moments:
+        """The sums' moments laid end to end: ``d + S / N`` and ``Q - S^2 / N`` (their count
+        is the fold's own ``N``, which later pools go on adding to)."""
         total = self._n.clamp_min(1.0)
         mean = self._s1 / total
         m2 = (self._q - self._s1 * mean).clamp_min_(0.0)
-        mean += self._shift
-        flat = Moments(self._n.clone(), mean, m2)
-        return merge(parted(flat, self.layout, per_channel=self._sliced), self._residual)
+        return Moments(self._n, mean.add_(self._shift), m2)
 
     def spreads(self) -> Spreads:
         """Per layer, the standard-error sums of every batch closed so far (empty without
@@ -341,12 +345,7 @@ class Fold:
     def _worst_per_layer(self) -> Tensor:
         """Per layer, its channels' largest relative standard error (no host sync)."""
         assert self._spread is not None
-        total = self._n.clamp_min(1.0)
-        moments = Moments(
-            self._n,
-            self._shift + self._s1 / total,
-            (self._q - self._s1.square() / total).clamp_min(0.0),
-        )
+        moments = self._pooled()
         relative = relative_errors(moments, evaluate(moments, self._spread))
         relative = torch.where(relative.isnan(), math.inf, relative)  # NaN moments count as worst
         relative = torch.where(self._n >= 2, relative, -math.inf)  # unreached channels: none
