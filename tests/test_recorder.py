@@ -94,6 +94,24 @@ def test_a_model_cast_or_rebuilt_between_calls() -> None:
         recorder.init()
 
 
+class Cache(nn.Module):
+    """Keeps the last batch's sum in a plain attribute (state a copy of the model keeps)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.last = float(x.sum())
+        return x
+
+
+def test_a_module_put_in_after_the_recorder_is_left_as_it_was() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Identity(), nn.BatchNorm1d(4)).train()
+    recorder = precisebn.recorder(model)
+    model[1] = Cache()  # replaced after the binding was worked out
+    data = [torch.randn(8, 3) + 1 for _ in range(2)]
+    new = run(recorder, data)
+    assert not hasattr(model[1], "last")  # the forward's attribute was undone
+    assert_matches(new, pooled_inputs(model, data))
+
+
 def test_params_per_call_for_a_functional_loop() -> None:
     torch.manual_seed(4)
     model = SmallCNN().train()

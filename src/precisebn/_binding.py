@@ -122,8 +122,7 @@ class Binding:
         self.layers = dict(layers)
         self.layout = Layout({name: m.num_features for name, m in self.layers.items()})
         self.stat_keys = [buffer_key(name, stat) for name in self.layers for stat in STAT_NAMES]
-        self._tree = _Tree(model)
-        self._modules = list(self.target.modules())
+        self._tree = _Tree(model, self.prefix)
         self._counters = _counter_keys(model, self.layers)
         self.compiled_parts = _has_compiled_parts(model)
         self._compiled = _has_compiled_parts(self.target)  # submodules still run compiled
@@ -265,7 +264,7 @@ class Binding:
         watched = resolved.params if resolved.owned else {**resolved.params, **resolved.buffers}
         tensors = list(watched.values())
         versions = [t._version for t in tensors]
-        attributes = [(m, dict(vars(m))) for m in self._modules]
+        attributes = [(m, dict(vars(m))) for m in self._tree.run]
         try:
             yield
         finally:
@@ -350,10 +349,11 @@ def _same_children(entry: tuple[str, nn.Module, tuple[nn.Module | None, ...]]) -
 class _Tree:
     """A model's modules by name, walked once: `tensors` reads their current tensors and
     walks anew only when a module's children changed (a submodule replaced, added or
-    removed anywhere), which it checks on every call."""
+    removed anywhere), which it checks on every call. ``run`` is the modules a session
+    runs: those of the module under ``prefix`` (the model's, unwrapped)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, prefix: str) -> None:
+        self.model, self.prefix = model, prefix
         self._walk()
 
     def _walk(self) -> None:
@@ -361,6 +361,7 @@ class _Tree:
             (prefix + "." if prefix else "", module, tuple(module._modules.values()))
             for prefix, module in self.model.named_modules()
         ]
+        self.run = [m for dot, m, _ in self.modules if dot.startswith(self.prefix)]
 
     def tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``dict(model.named_parameters())`` and ``dict(model.named_buffers())``."""
