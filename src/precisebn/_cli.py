@@ -378,7 +378,8 @@ def run_recompute_command(args: argparse.Namespace) -> int:
         compile=args.compile,
         return_info=True,
     )
-    moved = report(checkpoint.state, new, info=info, eps=eps_by_layer(model), top=args.top)
+    eps = eps_by_layer(model)
+    moved = report(checkpoint.state, new, info=info, eps=eps, top=args.top)
     reached = ""
     if info.converged is not None:
         reached = f"; tol={args.tol:g} {'reached' if info.converged else 'not reached'}"
@@ -389,7 +390,6 @@ def run_recompute_command(args: argparse.Namespace) -> int:
     print(moved)
     image: bytes | None = None
     if image_format is not None:  # drawn before the checkpoint is written: nothing is half done
-        eps = eps_by_layer(model)
         figure = plot.report(checkpoint.state, new, info=info, eps=eps, tol=args.tol)
         image = plot._render(figure, image_format)
     write_checkpoint(checkpoint.with_buffers(new), args.out, overwrite=args.overwrite)
