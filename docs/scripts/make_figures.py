@@ -41,10 +41,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 import precisebn
 from precisebn import _demo, plot
@@ -168,28 +166,12 @@ def make_deep_net() -> nn.Sequential:
 
 
 def train_swa(x: Tensor, y: Tensor, *, quick: bool) -> nn.Module:
-    """The demo's stale-statistics training, then SWA; returns the averaged model, whose
-    buffers are those of the model when averaging began."""
+    """The demo's stale-statistics training of the deeper net, then SWA; returns the
+    averaged model, whose buffers are those of the model when averaging began."""
     epochs, swa_epochs = PICTURE_EPOCHS[quick]
-    torch.manual_seed(0)
-    model = make_deep_net().train()
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-
-    def epoch() -> None:
-        order = torch.randperm(len(y), generator=generator)
-        for index in torch.split(order[: len(order) - len(order) % BATCH_SIZE], BATCH_SIZE):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[index]), y[index]).backward()
-            optimizer.step()
-
-    for _ in range(epochs):
-        epoch()
-    swa = AveragedModel(model)
-    for _ in range(swa_epochs):
-        epoch()
-        swa.update_parameters(model)
-    averaged: nn.Module = swa.module
+    _, averaged = _demo.train(
+        x, y, epochs=epochs, swa_epochs=swa_epochs, seed=0, net=make_deep_net, lr=0.1
+    )
     return averaged.eval()
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import importlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -156,18 +156,27 @@ def make_net(*, bn_momentum: float) -> nn.Sequential:
 
 
 def train(
-    x: Tensor, y: Tensor, *, epochs: int, swa_epochs: int, seed: int
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    swa_epochs: int,
+    seed: int,
+    net: Callable[[], nn.Module] | None = None,
+    lr: float = LR,
 ) -> tuple[nn.Module, nn.Module]:
     """SGD over shuffled batches (the last partial one dropped), then an SWA phase.
 
-    Returns the final model and the averaged one, whose buffers are those of the model
-    when averaging began (`AveragedModel` copies them then, and does not average them).
+    ``net`` makes the model (default: `make_net` with the demo's BN momentum), under the
+    global seed ``seed``. Returns the final model and the averaged one, whose buffers are
+    those of the model when averaging began (`AveragedModel` copies them then, and does
+    not average them).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = make_net(bn_momentum=BN_MOMENTUM).train()
+        model = (net() if net is not None else make_net(bn_momentum=BN_MOMENTUM)).train()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY)
 
     def epoch() -> None:
         order = torch.randperm(len(y), generator=generator)
