@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import warnings
 import zlib
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import precisebn
+from spawned import free_port
 
 PG_TIMEOUT_S = 20  # gloo gives up on a collective after this
 WORLD_TIMEOUT_S = 90  # the test gives up on a spawned world after this
@@ -340,16 +340,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 # --- the spawned worlds -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _spawn(world: int, out: Path) -> list[dict[str, Result]]:
     context = mp.start_processes(
         _worker,
-        args=(world, _free_port(), str(out)),
+        args=(world, free_port(), str(out)),
         nprocs=world,
         join=False,
         start_method="spawn",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import precisebn
+from spawned import free_port, rank_environment
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -147,15 +146,7 @@ def test_dropout_is_off_during_the_recompute() -> None:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        GLOO_SOCKET_IFNAME="lo",
-    )
-    torch.set_num_threads(1)
+    rank_environment(rank, world, port)
     warnings.simplefilter("ignore")  # the trainer's advice for real runs
     callback = PreciseBNCallback()
     model = tiny_resnet()
@@ -171,10 +162,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_processes_end_identical_and_pooled(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert all(r["distributed"] for r in ranks)
     assert [r["num_batches"] for r in ranks] == [6, 6]  # 3 batches per rank, pooled

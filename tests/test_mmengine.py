@@ -5,9 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import os
 import re
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -26,6 +24,7 @@ pytest.importorskip("mmengine")
 
 # First: it imports mmengine without the warnings torch gives of torch.jit on the way.
 from precisebn.mmengine import PreciseBNHook
+from spawned import free_port, rank_environment
 
 # isort: split
 from mmengine.config import Config
@@ -456,15 +455,7 @@ def test_precisebn_alone_does_not_import_mmengine_and_says_what_is_missing(
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        GLOO_SOCKET_IFNAME="lo",
-    )
-    torch.set_num_threads(1)
+    rank_environment(rank, world, port)
     warnings.simplefilter("ignore")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     hook = PreciseBNHook(num_samples=32)
@@ -487,10 +478,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_ranks_pool_their_shards(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["wrapped"] for r in ranks] == ["MMDistributedDataParallel"] * 2
     # ceil(32 / (8 * 2)) = 2 batches per rank, 32 samples in all.
