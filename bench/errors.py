@@ -67,12 +67,7 @@ def cost(rows: Sequence[tuple[Workload, int, int]], *, repeats: int) -> list[dic
         batches = make_batches(workload, [batch] * n)
         timings = interleaved(methods, model, batches, repeats=repeats)
         row: dict[str, Any] = speed_row(f"{workload.name} batch {batch}", n, timings)
-        ratios = [
-            a / b
-            for a, b in zip(
-                timings["with errors"].seconds, timings["precisebn"].seconds, strict=True
-            )
-        ]
+        ratios = timings["with errors"].over(timings["precisebn"])
         row["errors_ratios"] = ratios
         row["errors_ratio"] = statistics.median(ratios)
         # The paired ratio's share of a run without errors, per batch: the noise of one

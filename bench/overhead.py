@@ -354,12 +354,7 @@ def block(rows: Sequence[tuple[Workload, int, int]], *, repeats: int) -> list[di
         batches = make_batches(workload, [batch] * n)
         timings = interleaved(methods, model, batches, repeats=repeats)
         row: dict[str, Any] = speed_row(f"{workload.name} batch {batch}", n, timings)
-        ratios = [
-            a / b
-            for a, b in zip(
-                timings["block of 1"].seconds, timings[f"block of {BLOCK}"].seconds, strict=True
-            )
-        ]
+        ratios = timings["block of 1"].over(timings[f"block of {BLOCK}"])
         row["one_row_ratios"] = ratios
         row["one_row_ratio"] = statistics.median(ratios)
         out.append(row)

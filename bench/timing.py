@@ -30,6 +30,10 @@ class Timing:
         """Median over rounds of (this method's time / the floor's time in the same round)."""
         return statistics.median(self.ratios)
 
+    def over(self, other: Timing) -> list[float]:
+        """Per round, this method's time over ``other``'s in the same round."""
+        return [a / b for a, b in zip(self.seconds, other.seconds, strict=True)]
+
     def as_dict(self) -> dict[str, float | list[float]]:
         return {
             "median_s": self.median,
