@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
@@ -249,6 +249,53 @@ def report(
     stderr: Mapping[str, Tensor] = info.stderr if info is not None else {}
     n_eff: Mapping[str, float] = info.n_eff if info is not None else {}
     rows = []
+    for move in channel_moves(old, new, eps=eps):
+        keys = buffer_key(move.layer, MEAN), buffer_key(move.layer, VAR)
+        relative = [
+            (_float64(stderr[key]) / divisor).reshape(-1)
+            for key, divisor in zip(keys, (move.scale.sqrt(), move.scale), strict=True)
+            if key in stderr
+        ]
+        layer_n_eff = n_eff.get(move.layer)
+        rows.append(
+            LayerMove(
+                layer=move.layer,
+                channels=move.shift.numel(),
+                shift_mean=move.shift.mean().item(),
+                shift_max=move.shift.max().item(),
+                ratio_min=move.ratio.min().item(),
+                ratio_max=move.ratio.max().item(),
+                rel_error=torch.cat(relative).max().item() if relative else None,
+                n_eff=None if layer_n_eff is None else float(layer_n_eff),
+            )
+        )
+    return Report(tuple(rows), top=top)
+
+
+class ChannelMoves(NamedTuple):
+    """One layer's move, per channel (float64 on the CPU)."""
+
+    layer: str
+    shift: Tensor
+    """``|old mean - new mean| / sqrt(new var + eps)``."""
+    ratio: Tensor
+    """``(old var + eps) / (new var + eps)``."""
+    scale: Tensor
+    """``new var + eps``."""
+
+
+def channel_moves(
+    old: Mapping[str, Tensor], new: Mapping[str, Tensor], *, eps: float | Mapping[str, float]
+) -> list[ChannelMoves]:
+    """Per layer of ``new`` (in its order), every channel's shift and variance ratio: what
+    `report` summarises and `precisebn.plot` draws.
+
+    Raises:
+        KeyError: a layer's ``running_mean`` or ``running_var`` is missing from ``old``,
+            or its ``running_var`` from ``new``.
+        ValueError: an old buffer's shape differs from the new one's.
+    """
+    out = []
     for layer in layers_of(new):
         keys = buffer_key(layer, MEAN), buffer_key(layer, VAR)
         missing = [key for key in keys if key not in old]
@@ -269,26 +316,8 @@ def report(
                 )
         scale = new_var + e
         shift = (old_mean - new_mean).abs() / scale.sqrt()
-        ratio = (old_var + e) / scale
-        relative = [
-            (_float64(stderr[key]) / divisor).reshape(-1)
-            for key, divisor in zip(keys, (scale.sqrt(), scale), strict=True)
-            if key in stderr
-        ]
-        layer_n_eff = n_eff.get(layer)
-        rows.append(
-            LayerMove(
-                layer=layer,
-                channels=new_mean.numel(),
-                shift_mean=shift.mean().item(),
-                shift_max=shift.max().item(),
-                ratio_min=ratio.min().item(),
-                ratio_max=ratio.max().item(),
-                rel_error=torch.cat(relative).max().item() if relative else None,
-                n_eff=None if layer_n_eff is None else float(layer_n_eff),
-            )
-        )
-    return Report(tuple(rows), top=top)
+        out.append(ChannelMoves(layer, shift, (old_var + e) / scale, scale))
+    return out
 
 
 def _float64(value: Tensor) -> Tensor:

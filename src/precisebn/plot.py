@@ -31,9 +31,7 @@ from torch import Tensor
 
 from precisebn._buffers import RunInfo
 from precisebn._checkpoint import write_atomically
-from precisebn._layers import MEAN, VAR, buffer_key, layers_of
-from precisebn._report import DEFAULT_EPS
-from precisebn._report import report as _report
+from precisebn._report import DEFAULT_EPS, channel_moves
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -421,22 +419,14 @@ def _legend_outside(ax: Axes, *, title: str | None = None) -> None:
 def _moves(
     before: Mapping[str, Tensor], after: Mapping[str, Tensor], eps: float | Mapping[str, float]
 ) -> _Moves:
-    _report(before, after, eps=eps)  # the same checks, and errors, as the table
-    layers = layers_of(after)
-    if not layers:
+    moves = channel_moves(before, after, eps=eps)  # the table's figures, and its errors
+    if not moves:
         raise ValueError("no BatchNorm buffers to draw: no '<layer>.running_mean' key")
-    shift, log_ratio = [], []
-    for layer in layers:
-        e = float(eps.get(layer, DEFAULT_EPS) if isinstance(eps, Mapping) else eps)
-        old_mean, old_var, new_mean, new_var = (
-            buffers[buffer_key(layer, stat)].detach().to("cpu", torch.float64).reshape(-1)
-            for buffers in (before, after)
-            for stat in (MEAN, VAR)
-        )
-        scale = new_var + e
-        shift.append((old_mean - new_mean).abs() / scale.sqrt())
-        log_ratio.append(((old_var + e) / scale).log2())
-    return _Moves(layers, shift, log_ratio)
+    return _Moves(
+        [m.layer for m in moves],
+        [m.shift.reshape(-1) for m in moves],
+        [m.ratio.log2().reshape(-1) for m in moves],
+    )
 
 
 def _draw_moves(moves: _Moves, axes: Sequence[Axes] | None, *, before: str, after: str) -> Figure:
